@@ -1,0 +1,952 @@
+"""
+GPT-2 training in one flat Python module, in the style of llm.c's train_gpt2.c.
+
+One float32 buffer holds every parameter, laid out exactly as an llm.c checkpoint;
+the gradients and the AdamW moments are buffers of the same layout, and one more
+buffer holds every activation that the backward pass reads. Named views are sliced
+out of them once, up front. Each layer is a pair of functions over raw arrays,
+`*_forward` and `*_backward`, JIT-compiled by Numba; the big matrix products go
+through numpy's BLAS on 2-D views of the buffers.
+
+Read it top to bottom: formats, model shape, layers, the model (forward, backward,
+update), data, sampling, the training loop.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from numba import njit, prange
+
+# Numba may reorder float additions and fuse multiply-adds (so loops vectorize), but
+# never assumes finite values: the attention mask and GELU need inf/nan semantics.
+FASTMATH = {"contract", "reassoc", "nsz"}
+
+# -----------------------------------------------------------------------------
+# File formats shared with llm.c. Each file starts with 256 little-endian int32.
+
+HEADER_INTS = 256
+CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3
+STATE_MAGIC, STATE_VERSION = 20240327, 2
+TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
+TOKENIZER_MAGIC = 20240328
+EOT_TOKEN = 50256
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 1."""
+
+
+def read_header(f, path, magic, versions):
+    header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+    if header.size != HEADER_INTS:
+        raise UserError(f"{path}: file too short for a {HEADER_INTS * 4}-byte header")
+    if header[0] != magic:
+        raise UserError(f"{path}: bad magic number {header[0]} (expected {magic})")
+    if header[1] not in versions:
+        raise UserError(f"{path}: unsupported version {header[1]} (expected {' or '.join(map(str, versions))})")
+    return header
+
+
+def write_file_atomic(path, chunks):
+    """Write byte chunks to path through a temp file, fsync and rename: a crash never
+    leaves a half-written file where a good one was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            for chunk in chunks:
+                f.write(memoryview(chunk).cast("B") if isinstance(chunk, np.ndarray) else chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -----------------------------------------------------------------------------
+# Model shape, and the layout of the parameter and activation buffers
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    max_seq_len: int = 1024
+    vocab_size: int = 50257
+    padded_vocab_size: int = 50304
+    num_layers: int = 12
+    num_heads: int = 12
+    channels: int = 768
+
+
+def padded_vocab(vocab_size):
+    return ((vocab_size + 127) // 128) * 128
+
+
+def config_from_depth(descriptor, vocab_size=50257, max_seq_len=1024):
+    """'d12' is GPT-2 124M, 'd24' 350M, 'd36' 774M, 'd48' 1558M; any other 'dN' has
+    N layers, N heads and 64*N channels."""
+    if not (descriptor.startswith("d") and descriptor[1:].isdigit() and int(descriptor[1:]) > 0):
+        raise UserError(f"bad model descriptor {descriptor!r}: expected d12, d24, d6, ... or a checkpoint file")
+    depth = int(descriptor[1:])
+    heads, channels = {12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}.get(depth, (depth, 64 * depth))
+    return GPT2Config(max_seq_len, vocab_size, padded_vocab(vocab_size), depth, heads, channels)
+
+
+def parameter_shapes(cfg):
+    """The 16 parameter tensors in llm.c checkpoint order; weights are (out, in)."""
+    C, L, Vp, maxT = cfg.channels, cfg.num_layers, cfg.padded_vocab_size, cfg.max_seq_len
+    return [
+        ("wte", (Vp, C)), ("wpe", (maxT, C)),
+        ("ln1w", (L, C)), ("ln1b", (L, C)),
+        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
+        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
+        ("ln2w", (L, C)), ("ln2b", (L, C)),
+        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
+        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
+        ("lnfw", (C,)), ("lnfb", (C,)),
+    ]
+
+
+PARAMETER_NAMES = [name for name, _ in parameter_shapes(GPT2Config())]
+MATRIX_PARAMETERS = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}  # weight decay applies to these
+
+
+def activation_shapes(cfg, B, T):
+    """Everything the forward pass writes and the backward pass reads, per layer.
+    Rows are the B*T token positions, so every matmul sees a plain 2-D view."""
+    C, L, NH, Vp, BT = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.padded_vocab_size, B * T
+    return [
+        ("encoded", (BT, C)),
+        ("ln1", (L, BT, C)), ("ln1_mean", (L, BT)), ("ln1_rstd", (L, BT)),
+        ("qkv", (L, BT, 3 * C)),
+        ("att", (L, B, NH, T, T)),       # softmax of the causal attention scores
+        ("atty", (L, BT, C)),            # attention output, heads side by side
+        ("residual2", (L, BT, C)),       # residual + attention projection
+        ("ln2", (L, BT, C)), ("ln2_mean", (L, BT)), ("ln2_rstd", (L, BT)),
+        ("fch", (L, BT, 4 * C)),         # MLP hidden, before GELU
+        ("fch_gelu", (L, BT, 4 * C)),
+        ("residual3", (L, BT, C)),       # residual2 + MLP projection
+        ("lnf", (BT, C)), ("lnf_mean", (BT,)), ("lnf_rstd", (BT,)),
+        ("logits", (BT, Vp)),            # becomes dlogits in place during backward
+        ("logsumexp", (BT,)),            # per position, kept for the fused classifier backward
+        ("losses", (BT,)),
+    ]
+
+
+def activation_grad_shapes(cfg, B, T):
+    """Backward scratch: the residual stream's gradient plus one buffer per width,
+    reused by every layer (backward never needs a layer's activation gradients again)."""
+    C, BT = cfg.channels, B * T
+    return [
+        ("dresidual", (BT, C)),
+        ("dC", (BT, C)),
+        ("d3C", (BT, 3 * C)),
+        ("d4C", (BT, 4 * C)),
+        ("gemm_scratch", (max(4 * C * C, BT * C),)),  # for accumulating weight gradients
+    ]
+
+
+def buffer_size(shapes):
+    return sum(int(np.prod(shape)) for _, shape in shapes)
+
+
+def slice_views(buffer, shapes):
+    """Named views into one flat buffer, in order."""
+    views, offset = {}, 0
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        views[name] = buffer[offset:offset + n].reshape(shape)
+        offset += n
+    assert offset == buffer.size
+    return SimpleNamespace(**views)
+
+
+def parameter_offsets(cfg):
+    """(name, start, end) of each parameter tensor in the flat buffer."""
+    out, offset = [], 0
+    for name, shape in parameter_shapes(cfg):
+        n = int(np.prod(shape))
+        out.append((name, offset, offset + n))
+        offset += n
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Layers: each a forward/backward pair over raw float32 arrays. Weight-gradient
+# writes take `accumulate`: False overwrites (the first micro-step), True adds.
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def encoder_forward(out, tokens, wte, wpe, T):
+    # out[bt] = wte[token] + wpe[t]
+    BT, C = out.shape
+    for bt in prange(BT):
+        token, t = tokens[bt], bt % T
+        for c in range(C):
+            out[bt, c] = wte[token, c] + wpe[t, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def encoder_backward(dwte, dwpe, dout, tokens, T, accumulate):
+    # dwpe[t] (+)= sum over the batch; dwte[token] += dout (a scatter, so split by channel)
+    BT, C = dout.shape
+    block = 64
+    for cb in prange((C + block - 1) // block):
+        c0, c1 = cb * block, min(C, cb * block + block)
+        if not accumulate:
+            for t in range(dwpe.shape[0]):
+                for c in range(c0, c1):
+                    dwpe[t, c] = 0.0
+        for bt in range(BT):
+            token, t = tokens[bt], bt % T
+            for c in range(c0, c1):
+                dwpe[t, c] += dout[bt, c]
+                dwte[token, c] += dout[bt, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    N, C = inp.shape
+    eps = np.float32(1e-5)
+    for i in prange(N):
+        m = np.float32(0.0)
+        for c in range(C):
+            m += inp[i, c]
+        m = m / C
+        v = np.float32(0.0)
+        for c in range(C):
+            d = inp[i, c] - m
+            v += d * d
+        v = v / C
+        s = np.float32(1.0) / np.sqrt(v + eps)
+        for c in range(C):
+            out[i, c] = (inp[i, c] - m) * s * weight[c] + bias[c]
+        mean[i] = m
+        rstd[i] = s
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, accumulate):
+    # dinp += ... (it is the residual stream's gradient); dweight, dbias (+)= ...
+    N, C = inp.shape
+    for i in prange(N):
+        m, s = mean[i], rstd[i]
+        dnorm_mean = np.float32(0.0)
+        dnorm_norm_mean = np.float32(0.0)
+        for c in range(C):
+            norm = (inp[i, c] - m) * s
+            dnorm = weight[c] * dout[i, c]
+            dnorm_mean += dnorm
+            dnorm_norm_mean += dnorm * norm
+        dnorm_mean = dnorm_mean / C
+        dnorm_norm_mean = dnorm_norm_mean / C
+        for c in range(C):
+            norm = (inp[i, c] - m) * s
+            dnorm = weight[c] * dout[i, c]
+            dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
+    block = 64
+    for cb in prange((C + block - 1) // block):
+        c0, c1 = cb * block, min(C, cb * block + block)
+        if not accumulate:
+            for c in range(c0, c1):
+                dweight[c] = 0.0
+                dbias[c] = 0.0
+        for i in range(N):
+            m, s = mean[i], rstd[i]
+            for c in range(c0, c1):
+                dbias[c] += dout[i, c]
+                dweight[c] += (inp[i, c] - m) * s * dout[i, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def bias_forward(out, bias):
+    N, OC = out.shape
+    for i in prange(N):
+        for o in range(OC):
+            out[i, o] += bias[o]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def bias_backward(dbias, dout, accumulate):
+    N, OC = dout.shape
+    block = 64
+    for ob in prange((OC + block - 1) // block):
+        o0, o1 = ob * block, min(OC, ob * block + block)
+        if not accumulate:
+            for o in range(o0, o1):
+                dbias[o] = 0.0
+        for i in range(N):
+            for o in range(o0, o1):
+                dbias[o] += dout[i, o]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def add_inplace(out, x):
+    flat_out, flat_x = out.reshape(-1), x.reshape(-1)
+    for i in prange(flat_out.size):
+        flat_out[i] += flat_x[i]
+
+
+def matmul_forward(out, inp, weight, bias):
+    # out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias: BLAS on 2-D views, no copies
+    np.matmul(inp, weight.T, out=out)
+    if bias is not None:
+        bias_forward(out, bias)
+
+
+def gemm_weight_grad(dweight, dout, inp, accumulate, scratch):
+    # dweight (OC, C) (+)= dout (N, OC)^T @ inp (N, C). Accumulating goes through a
+    # bounded scratch, a block of output rows at a time, so nothing is allocated.
+    if not accumulate:
+        np.matmul(dout.T, inp, out=dweight)
+        return
+    OC, C = dweight.shape
+    rows = max(1, min(OC, scratch.size // C))
+    for r0 in range(0, OC, rows):
+        r1 = min(OC, r0 + rows)
+        block = scratch[:(r1 - r0) * C].reshape(r1 - r0, C)
+        np.matmul(dout[:, r0:r1].T, inp, out=block)
+        add_inplace(dweight[r0:r1], block)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate, scratch):
+    # dinp = dout @ weight (overwritten: every caller hands a scratch buffer)
+    np.matmul(dout, weight, out=dinp)
+    gemm_weight_grad(dweight, dout, inp, accumulate, scratch)
+    if dbias is not None:
+        bias_backward(dbias, dout, accumulate)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def attention_forward(out, att, qkv, B, T, NH):
+    # qkv rows hold [q | k | v], each C wide, heads of hs channels side by side.
+    # att[b, h, t, :] = softmax(q_t . k_t2 / sqrt(hs)) over t2 <= t; out = att @ v
+    C = qkv.shape[1] // 3
+    hs = C // NH
+    scale = np.float32(1.0) / np.float32(np.sqrt(hs))
+    for bht in prange(B * NH * T):
+        b, h, t = bht // (NH * T), (bht // T) % NH, bht % T
+        q_row = b * T + t
+        att_row = att[b, h, t]
+        maxval = np.float32(-np.inf)
+        for t2 in range(t + 1):
+            k_row = b * T + t2
+            s = np.float32(0.0)
+            for i in range(hs):
+                s += qkv[q_row, h * hs + i] * qkv[k_row, C + h * hs + i]
+            s *= scale
+            att_row[t2] = s
+            if s > maxval:
+                maxval = s
+        total = np.float32(0.0)
+        for t2 in range(t + 1):
+            e = np.exp(att_row[t2] - maxval)
+            att_row[t2] = e
+            total += e
+        inv_total = np.float32(1.0) / total
+        for t2 in range(T):
+            att_row[t2] = att_row[t2] * inv_total if t2 <= t else np.float32(0.0)
+        for i in range(hs):
+            out[q_row, h * hs + i] = 0.0
+        for t2 in range(t + 1):
+            a = att_row[t2]
+            v_row = b * T + t2
+            for i in range(hs):
+                out[q_row, h * hs + i] += a * qkv[v_row, 2 * C + h * hs + i]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def attention_backward(dqkv, dout, qkv, att, B, T, NH):
+    # One (batch, head) per iteration: it owns that head's dq, dk, dv for all t.
+    C = qkv.shape[1] // 3
+    hs = C // NH
+    scale = np.float32(1.0) / np.float32(np.sqrt(hs))
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        datt = np.empty(T, dtype=qkv.dtype)
+        for t in range(T):
+            row = b * T + t
+            for i in range(hs):
+                dqkv[row, h * hs + i] = 0.0
+                dqkv[row, C + h * hs + i] = 0.0
+                dqkv[row, 2 * C + h * hs + i] = 0.0
+        for t in range(T):
+            q_row = b * T + t
+            att_row = att[b, h, t]
+            # through out = att @ v
+            for t2 in range(t + 1):
+                v_row = b * T + t2
+                d = np.float32(0.0)
+                for i in range(hs):
+                    d += dout[q_row, h * hs + i] * qkv[v_row, 2 * C + h * hs + i]
+                    dqkv[v_row, 2 * C + h * hs + i] += att_row[t2] * dout[q_row, h * hs + i]
+                datt[t2] = d
+            # through the softmax: dpre = att * (datt - sum(att * datt))
+            dot = np.float32(0.0)
+            for t2 in range(t + 1):
+                dot += att_row[t2] * datt[t2]
+            for t2 in range(t + 1):
+                dpre = att_row[t2] * (datt[t2] - dot) * scale
+                k_row = b * T + t2
+                for i in range(hs):
+                    dqkv[q_row, h * hs + i] += dpre * qkv[k_row, C + h * hs + i]
+                    dqkv[k_row, C + h * hs + i] += dpre * qkv[q_row, h * hs + i]
+
+
+GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
+GELU_CUBE = np.float32(0.044715)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def gelu_forward(out, inp):
+    # tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    flat_out, flat_inp = out.reshape(-1), inp.reshape(-1)
+    for i in prange(flat_inp.size):
+        x = flat_inp[i]
+        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+        flat_out[i] = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(u))
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def gelu_backward(dinout, inp):
+    # in place: d(inp) = gelu'(inp) * d(out)
+    flat_d, flat_inp = dinout.reshape(-1), inp.reshape(-1)
+    for i in prange(flat_inp.size):
+        x = flat_inp[i]
+        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+        th = np.tanh(u)
+        sech2 = np.float32(1.0) - th * th
+        local = np.float32(0.5) * (np.float32(1.0) + th) + \
+            np.float32(0.5) * x * sech2 * GELU_SCALE * (np.float32(1.0) + np.float32(3.0) * GELU_CUBE * x * x)
+        flat_d[i] = local * flat_d[i]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def crossentropy_forward(losses, logsumexp, logits, targets, V):
+    # softmax over the first V columns (padding excluded); a target of -1 is masked
+    BT = logits.shape[0]
+    for i in prange(BT):
+        row = logits[i]
+        maxval = np.float32(-np.inf)
+        for j in range(V):
+            if row[j] > maxval:
+                maxval = row[j]
+        total = np.float32(0.0)
+        for j in range(V):
+            total += np.exp(row[j] - maxval)
+        lse = maxval + np.log(total)
+        logsumexp[i] = lse
+        losses[i] = lse - row[targets[i]] if targets[i] >= 0 else np.float32(0.0)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def crossentropy_backward(logits, logsumexp, targets, V, dloss):
+    # in place: logits become dlogits = (softmax - onehot) * dloss; masked rows and
+    # the padding columns get zero
+    BT, Vp = logits.shape
+    for i in prange(BT):
+        row = logits[i]
+        target = targets[i]
+        if target < 0:
+            for j in range(Vp):
+                row[j] = 0.0
+            continue
+        lse = logsumexp[i]
+        for j in range(V):
+            row[j] = np.exp(row[j] - lse) * dloss
+        row[target] -= dloss
+        for j in range(V, Vp):
+            row[j] = 0.0
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def sum_of_squares(x):
+    # float64 accumulation: 124M float32 squares summed in float32 would drift
+    total = 0.0
+    for i in prange(x.size):
+        total += np.float64(x[i]) * np.float64(x[i])
+    return total
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def adamw_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1,
+                 bias_correction2, grad_scale):
+    # one streaming pass; decoupled weight decay as in llm.c and torch.optim.AdamW
+    one = np.float32(1.0)
+    for i in prange(params.size):
+        g = grads[i] * grad_scale
+        mi = beta1 * m[i] + (one - beta1) * g
+        vi = beta2 * v[i] + (one - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        m_hat = mi / bias_correction1
+        v_hat = vi / bias_correction2
+        params[i] -= lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * params[i])
+
+
+# -----------------------------------------------------------------------------
+# The model: buffers, checkpoint I/O, forward, backward, update
+
+
+class GPT2:
+    """Holds the buffers and their views; all the work is in the functions below."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        shapes = parameter_shapes(cfg)
+        self.num_parameters = buffer_size(shapes)
+        self.params_memory = np.zeros(self.num_parameters, dtype=np.float32)
+        self.params = slice_views(self.params_memory, shapes)
+        # gradients and AdamW moments are allocated on first use (eval and sampling need none)
+        self.grads_memory = self.m_memory = self.v_memory = None
+        self.grads = None
+        self.B = self.T = 0
+        self.acts = self.dacts = None
+        self.step = 0  # AdamW steps taken
+        self.mean_loss = None
+        self.targets = None
+
+
+def gpt2_init_random(cfg, seed):
+    """llm.c's scheme: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L),
+    zero biases, unit LayerNorm weights; the padded vocab rows stay zero."""
+    model = GPT2(cfg)
+    rng = np.random.default_rng(seed)
+    p = model.params
+    std = 0.02
+    for name, _ in parameter_shapes(cfg):
+        view = getattr(p, name)
+        if name in ("ln1w", "ln2w", "lnfw"):
+            view[...] = 1.0
+        elif name in ("wte", "wpe", "qkvw", "fcw"):
+            view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+        elif name in ("attprojw", "fcprojw"):
+            view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std / math.sqrt(2 * cfg.num_layers))
+    p.wte[cfg.vocab_size:] = 0.0
+    return model
+
+
+def read_checkpoint(path):
+    """Load an llm.c version-3 (float32) checkpoint into a new model."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        header = read_header(f, path, CHECKPOINT_MAGIC, (3, 5))
+        if header[1] == 5:
+            raise UserError(f"{path}: bfloat16 checkpoints (version 5) are not supported; write a float32 one (version 3)")
+        maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
+        if min(maxT, V, L, NH, C) <= 0 or C % NH or Vp < V:
+            raise UserError(f"{path}: header describes an impossible model (maxT={maxT}, V={V}, L={L}, NH={NH}, C={C}, Vp={Vp})")
+        cfg = GPT2Config(maxT, V, Vp, L, NH, C)
+        model = GPT2(cfg)
+        expected = HEADER_INTS * 4 + model.num_parameters * 4
+        actual = os.path.getsize(path)
+        if actual != expected:
+            raise UserError(f"{path}: size {actual} bytes, but its header describes {expected} bytes (truncated or corrupt)")
+        f.readinto(memoryview(model.params_memory).cast("B"))
+    return model
+
+
+def checkpoint_header(cfg):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, cfg.max_seq_len, cfg.vocab_size,
+                  cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size]
+    return header
+
+
+def write_checkpoint(model, path):
+    write_file_atomic(path, [checkpoint_header(model.cfg), model.params_memory])
+
+
+def ensure_activations(model, B, T):
+    """Allocate the activation buffers for batch shape (B, T), once."""
+    cfg = model.cfg
+    if T > cfg.max_seq_len:
+        raise UserError(f"sequence length T={T} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if B <= 0 or T <= 0:
+        raise UserError(f"batch size and sequence length must be positive (got B={B}, T={T})")
+    if (model.B, model.T) == (B, T):
+        return
+    shapes = activation_shapes(cfg, B, T)
+    model.acts_memory = np.zeros(buffer_size(shapes), dtype=np.float32)
+    model.acts = slice_views(model.acts_memory, shapes)
+    model.dacts = None
+    model.B, model.T = B, T
+
+
+def ensure_training_buffers(model):
+    """Gradients, AdamW moments and backward scratch, allocated once."""
+    if model.grads_memory is None:
+        n = model.num_parameters
+        model.grads_memory = np.zeros(n, dtype=np.float32)
+        model.grads = slice_views(model.grads_memory, parameter_shapes(model.cfg))
+        model.m_memory = np.zeros(n, dtype=np.float32)
+        model.v_memory = np.zeros(n, dtype=np.float32)
+    if model.dacts is None:
+        shapes = activation_grad_shapes(model.cfg, model.B, model.T)
+        model.dacts_memory = np.zeros(buffer_size(shapes), dtype=np.float32)
+        model.dacts = slice_views(model.dacts_memory, shapes)
+
+
+def check_tokens(tokens, vocab_size, what):
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens.max() if tokens.max() >= vocab_size else tokens.min()
+        raise UserError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def gpt2_forward(model, inputs, targets=None):
+    """inputs, targets: int32 (B, T). Fills model.acts; returns the mean loss over the
+    unmasked targets (targets of -1 are masked), or None without targets."""
+    cfg = model.cfg
+    B, T = inputs.shape
+    ensure_activations(model, B, T)
+    C, L, NH, V = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.vocab_size
+    p, a = model.params, model.acts
+    tokens = np.ascontiguousarray(inputs, dtype=np.int32).reshape(-1)
+    model.inputs = tokens
+
+    encoder_forward(a.encoded, tokens, p.wte, p.wpe, T)
+    residual = a.encoded
+    for l in range(L):
+        layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p.ln1w[l], p.ln1b[l])
+        matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
+        attention_forward(a.atty[l], a.att[l], a.qkv[l], B, T, NH)
+        matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
+        add_inplace(a.residual2[l], residual)
+        layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p.ln2w[l], p.ln2b[l])
+        matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
+        gelu_forward(a.fch_gelu[l], a.fch[l])
+        matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
+        add_inplace(a.residual3[l], a.residual2[l])
+        residual = a.residual3[l]
+    layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb)
+    matmul_forward(a.logits, a.lnf, p.wte, None)  # tied embedding; padded rows give 0
+
+    if targets is None:
+        model.targets = None
+        model.mean_loss = None
+        return None
+    model.targets = np.ascontiguousarray(targets, dtype=np.int32).reshape(-1)
+    crossentropy_forward(a.losses, a.logsumexp, a.logits, model.targets, V)
+    num_valid = int(np.count_nonzero(model.targets >= 0))
+    model.num_valid_targets = num_valid
+    model.mean_loss = float(a.losses.sum(dtype=np.float64) / num_valid) if num_valid else 0.0
+    return model.mean_loss
+
+
+def gpt2_backward(model, accumulate=False, loss_scale=1.0):
+    """Gradients of loss_scale * mean loss of the last forward. accumulate=False
+    overwrites the parameter gradients, True adds to them (gradient accumulation)."""
+    if model.targets is None:
+        raise RuntimeError("gpt2_backward needs a forward pass with targets first")
+    ensure_training_buffers(model)
+    cfg = model.cfg
+    B, T = model.B, model.T
+    L, NH, V = cfg.num_layers, cfg.num_heads, cfg.vocab_size
+    p, g, a, d = model.params, model.grads, model.acts, model.dacts
+    scratch = d.gemm_scratch
+
+    dloss = np.float32(loss_scale / model.num_valid_targets) if model.num_valid_targets else np.float32(0.0)
+    crossentropy_backward(a.logits, a.logsumexp, model.targets, V, dloss)
+    dlogits = a.logits
+    # classifier: logits = lnf @ wte^T
+    np.matmul(dlogits, p.wte, out=d.dC)
+    gemm_weight_grad(g.wte, dlogits, a.lnf, accumulate, scratch)
+    d.dresidual.fill(0.0)
+    last_residual = a.residual3[L - 1] if L > 0 else a.encoded
+    layernorm_backward(d.dresidual, g.lnfw, g.lnfb, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, accumulate)
+
+    for l in range(L - 1, -1, -1):
+        residual = a.residual3[l - 1] if l > 0 else a.encoded
+        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        matmul_backward(d.d4C, g.fcprojw[l], g.fcprojb[l], d.dresidual, a.fch_gelu[l], p.fcprojw[l], accumulate, scratch)
+        gelu_backward(d.d4C, a.fch[l])
+        matmul_backward(d.dC, g.fcw[l], g.fcb[l], d.d4C, a.ln2[l], p.fcw[l], accumulate, scratch)
+        layernorm_backward(d.dresidual, g.ln2w[l], g.ln2b[l], d.dC, a.residual2[l], p.ln2w[l],
+                           a.ln2_mean[l], a.ln2_rstd[l], accumulate)
+        # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
+        matmul_backward(d.dC, g.attprojw[l], g.attprojb[l], d.dresidual, a.atty[l], p.attprojw[l], accumulate, scratch)
+        attention_backward(d.d3C, d.dC, a.qkv[l], a.att[l], B, T, NH)
+        matmul_backward(d.dC, g.qkvw[l], g.qkvb[l], d.d3C, a.ln1[l], p.qkvw[l], accumulate, scratch)
+        layernorm_backward(d.dresidual, g.ln1w[l], g.ln1b[l], d.dC, residual, p.ln1w[l],
+                           a.ln1_mean[l], a.ln1_rstd[l], accumulate)
+    encoder_backward(g.wte, g.wpe, d.dresidual, model.inputs, T, accumulate)
+
+
+def gpt2_update(model, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                weight_decay_mode="matrices", grad_clip=0.0):
+    """One AdamW step over the whole parameter buffer. weight_decay_mode 'all' decays
+    every tensor (llm.c's CPU trainer), 'matrices' only the 2-D weights (nanoGPT).
+    Clips the gradient to global norm grad_clip when > 0. Returns the norm before clipping."""
+    model.step += 1
+    norm = math.sqrt(sum_of_squares(model.grads_memory))
+    grad_scale = grad_clip / (norm + 1e-6) if grad_clip > 0 and norm > grad_clip else 1.0
+    f32 = np.float32
+    common = (f32(lr), f32(beta1), f32(beta2), f32(eps))
+    corrections = (f32(1.0 - beta1 ** model.step), f32(1.0 - beta2 ** model.step), f32(grad_scale))
+    if weight_decay_mode == "all" or weight_decay == 0.0:
+        groups = [(0, model.num_parameters, weight_decay)]
+    elif weight_decay_mode == "matrices":
+        groups = []
+        for name, start, end in parameter_offsets(model.cfg):
+            decay = weight_decay if name in MATRIX_PARAMETERS else 0.0
+            if groups and groups[-1][2] == decay and groups[-1][1] == start:
+                groups[-1] = (groups[-1][0], end, decay)  # merge neighbours with the same decay
+            else:
+                groups.append((start, end, decay))
+    else:
+        raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
+    for start, end, decay in groups:
+        adamw_update(model.params_memory[start:end], model.grads_memory[start:end],
+                     model.m_memory[start:end], model.v_memory[start:end], *common, f32(decay), *corrections)
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# Data: llm.c token files (256-int32 header, then uint16 tokens)
+
+
+def read_token_file(path, vocab_size=None):
+    """Memory-map an llm.c token file after validating its header, size and ids."""
+    if not os.path.isfile(path):
+        raise UserError(f"token file not found: {path}")
+    with open(path, "rb") as f:
+        header = read_header(f, path, TOKENS_MAGIC, (TOKENS_VERSION,))
+    ntok = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * ntok
+    actual = os.path.getsize(path)
+    if ntok <= 0 or actual != expected:
+        raise UserError(f"{path}: size {actual} bytes, but its header promises {ntok} tokens ({expected} bytes): truncated or corrupt")
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,))
+    if vocab_size is not None:
+        check_tokens(tokens, vocab_size, path)
+    return tokens
+
+
+class DataLoader:
+    """Batches of B sequences of T tokens (inputs, and targets shifted by one) from one
+    or more token files. A file of n tokens holds (n-1)//T samples at stride T; in
+    order, a batch is llm.c's contiguous B*T+1 tokens. With shuffle, each epoch visits
+    every file's samples in a seeded random order. The position is three integers,
+    so a checkpoint can save it and resume exactly."""
+
+    def __init__(self, pattern, B, T, vocab_size, shuffle=False, seed=0):
+        import glob
+        paths = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
+        if not paths:
+            raise UserError(f"no token file matches {pattern!r} (run `make data`, or pass -i/-j)")
+        self.files = [read_token_file(path, vocab_size) for path in paths]
+        self.paths = paths
+        self.B, self.T, self.shuffle, self.seed = B, T, shuffle, seed
+        for path, tokens in zip(paths, self.files):
+            if (tokens.size - 1) // T < B:
+                raise UserError(f"{path}: {tokens.size} tokens is too few for one batch of B={B}, T={T}")
+        self.inputs = np.empty((B, T), dtype=np.int32)
+        self.targets = np.empty((B, T), dtype=np.int32)
+        self.reset()
+
+    def reset(self):
+        self.set_state({"epoch": 0, "file": 0, "batch": 0})
+
+    def state(self):
+        return {"epoch": self.epoch, "file": self.file_index, "batch": self.batch_index}
+
+    def set_state(self, state):
+        self.epoch, self.file_index, self.batch_index = state["epoch"], state["file"], state["batch"]
+        self._order = None
+
+    def batches_in_file(self, file_index):
+        return ((self.files[file_index].size - 1) // self.T) // self.B
+
+    def sample_order(self):
+        if self._order is None:
+            n = (self.files[self.file_index].size - 1) // self.T
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch, self.file_index])
+                self._order = rng.permutation(n)
+            else:
+                self._order = np.arange(n)
+        return self._order
+
+    def next_batch(self):
+        if self.batch_index >= self.batches_in_file(self.file_index):
+            self.batch_index = 0
+            self.file_index += 1
+            if self.file_index == len(self.files):
+                self.file_index = 0
+                self.epoch += 1
+            self._order = None
+        tokens = self.files[self.file_index]
+        samples = self.sample_order()[self.batch_index * self.B:(self.batch_index + 1) * self.B]
+        T = self.T
+        for row, sample in enumerate(samples):
+            start = int(sample) * T
+            chunk = tokens[start:start + T + 1]
+            self.inputs[row] = chunk[:-1]
+            self.targets[row] = chunk[1:]
+        self.batch_index += 1
+        return self.inputs, self.targets
+
+    def num_batches(self):
+        return sum(self.batches_in_file(i) for i in range(len(self.files)))
+
+
+# -----------------------------------------------------------------------------
+# Sampling: llm.c's xorshift* generator, and generation with a KV cache
+
+
+def random_u32(state):
+    """xorshift*, as llm.c: returns (u32, new state); state is a Python int < 2**64."""
+    mask = (1 << 64) - 1
+    state ^= state >> 12
+    state ^= (state << 25) & mask
+    state ^= state >> 27
+    return ((state * 0x2545F4914F6CDD1D) & mask) >> 32, state
+
+
+def random_f32(state):
+    u, state = random_u32(state)
+    return (u >> 8) / 16777216.0, state
+
+
+def sample_from_logits(logits, vocab_size, temperature, top_k, coin):
+    """Pick a token with a uniform coin in [0, 1): softmax over the first vocab_size
+    logits, optionally sharpened by temperature and cut to the top_k; temperature 0
+    is greedy. With temperature 1 and no top_k this is llm.c's sample_mult."""
+    logits = logits[:vocab_size].astype(np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    if 0 < top_k < vocab_size:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits >= kth, logits, -np.inf)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    cdf = np.cumsum(probs)
+    index = int(np.searchsorted(cdf, coin, side="right"))
+    return min(index, vocab_size - 1)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def attention_decode(out, qkv, k_cache, v_cache, pos, NH):
+    # one new position: store its k, v in the cache, attend over positions 0..pos
+    C = qkv.shape[1] // 3
+    hs = C // NH
+    scale = np.float32(1.0) / np.float32(np.sqrt(hs))
+    for c in range(C):
+        k_cache[pos, c] = qkv[0, C + c]
+        v_cache[pos, c] = qkv[0, 2 * C + c]
+    for h in prange(NH):
+        scores = np.empty(pos + 1, dtype=np.float32)
+        maxval = np.float32(-np.inf)
+        for t2 in range(pos + 1):
+            s = np.float32(0.0)
+            for i in range(hs):
+                s += qkv[0, h * hs + i] * k_cache[t2, h * hs + i]
+            s *= scale
+            scores[t2] = s
+            if s > maxval:
+                maxval = s
+        total = np.float32(0.0)
+        for t2 in range(pos + 1):
+            scores[t2] = np.exp(scores[t2] - maxval)
+            total += scores[t2]
+        for i in range(hs):
+            acc = np.float32(0.0)
+            for t2 in range(pos + 1):
+                acc += scores[t2] * v_cache[t2, h * hs + i]
+            out[0, h * hs + i] = acc / total
+
+
+class KVCache:
+    """Keys and values of every layer for one sequence, plus one-token scratch."""
+
+    def __init__(self, cfg):
+        C, L, maxT = cfg.channels, cfg.num_layers, cfg.max_seq_len
+        self.k = np.zeros((L, maxT, C), dtype=np.float32)
+        self.v = np.zeros((L, maxT, C), dtype=np.float32)
+        self.x = np.zeros((1, C), dtype=np.float32)
+        self.ln = np.zeros((1, C), dtype=np.float32)
+        self.qkv = np.zeros((1, 3 * C), dtype=np.float32)
+        self.atty = np.zeros((1, C), dtype=np.float32)
+        self.proj = np.zeros((1, C), dtype=np.float32)
+        self.fch = np.zeros((1, 4 * C), dtype=np.float32)
+        self.fch_gelu = np.zeros((1, 4 * C), dtype=np.float32)
+        self.mean = np.zeros(1, dtype=np.float32)
+        self.rstd = np.zeros(1, dtype=np.float32)
+        self.logits = np.zeros((1, cfg.padded_vocab_size), dtype=np.float32)
+        self.length = 0
+
+
+def gpt2_decode_step(model, cache, token):
+    """Feed one token at position cache.length through the model using the cache;
+    returns the logits for the next token (a view into the cache)."""
+    cfg, p, c = model.cfg, model.params, cache
+    pos = c.length
+    if pos >= cfg.max_seq_len:
+        raise UserError(f"generation reached the model's max_seq_len={cfg.max_seq_len}")
+    c.x[0] = p.wte[token] + p.wpe[pos]
+    for l in range(cfg.num_layers):
+        layernorm_forward(c.ln, c.mean, c.rstd, c.x, p.ln1w[l], p.ln1b[l])
+        matmul_forward(c.qkv, c.ln, p.qkvw[l], p.qkvb[l])
+        attention_decode(c.atty, c.qkv, c.k[l], c.v[l], pos, cfg.num_heads)
+        matmul_forward(c.proj, c.atty, p.attprojw[l], p.attprojb[l])
+        c.x += c.proj
+        layernorm_forward(c.ln, c.mean, c.rstd, c.x, p.ln2w[l], p.ln2b[l])
+        matmul_forward(c.fch, c.ln, p.fcw[l], p.fcb[l])
+        gelu_forward(c.fch_gelu, c.fch)
+        matmul_forward(c.proj, c.fch_gelu, p.fcprojw[l], p.fcprojb[l])
+        c.x += c.proj
+    layernorm_forward(c.ln, c.mean, c.rstd, c.x, p.lnfw, p.lnfb)
+    matmul_forward(c.logits, c.ln, p.wte, None)
+    c.length = pos + 1
+    return c.logits[0]
+
+
+def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_state=1337, use_kv_cache=True):
+    """Continue prompt_tokens by num_tokens sampled tokens. With use_kv_cache=False each
+    new token reruns the whole sequence through gpt2_forward (llm.c's way), for
+    checking and timing. Returns (new tokens, rng_state)."""
+    cfg = model.cfg
+    prompt = [int(t) for t in prompt_tokens] or [EOT_TOKEN]
+    check_tokens(np.array(prompt), cfg.vocab_size, "prompt")
+    total = len(prompt) + num_tokens
+    if total > cfg.max_seq_len:
+        raise UserError(f"prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceeds max_seq_len={cfg.max_seq_len}")
+    out = []
+    if use_kv_cache:
+        cache = KVCache(cfg)
+        for token in prompt[:-1]:
+            gpt2_decode_step(model, cache, token)
+        logits = gpt2_decode_step(model, cache, prompt[-1])
+    else:
+        import copy
+        scratch_model = copy.copy(model)  # shares the parameters, owns its activations
+        scratch_model.B = scratch_model.T = 0
+        sequence = np.zeros((1, total), dtype=np.int32)
+        sequence[0, :len(prompt)] = prompt
+    for i in range(num_tokens):
+        if not use_kv_cache:
+            gpt2_forward(scratch_model, sequence)  # causal: positions past the end do not matter
+            logits = scratch_model.acts.logits[len(prompt) + i - 1]
+        coin, rng_state = random_f32(rng_state)
+        token = sample_from_logits(logits, cfg.vocab_size, temperature, top_k, coin)
+        out.append(token)
+        if use_kv_cache:
+            if i + 1 < num_tokens:
+                logits = gpt2_decode_step(model, cache, token)
+        else:
+            sequence[0, len(prompt) + i] = token
+    return out, rng_state
