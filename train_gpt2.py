@@ -20,8 +20,12 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
-from numba import njit, prange
+# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores; threads
+# that spin-wait after a parallel region would slow the other library's next call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 # Numba may reorder float additions and fuse multiply-adds (so loops vectorize), but
 # never assumes finite values: the attention mask and GELU need inf/nan semantics.
@@ -338,33 +342,34 @@ def attention_forward(out, att, qkv, B, T, NH):
     scale = np.float32(1.0) / np.float32(np.sqrt(hs))
     for bht in prange(B * NH * T):
         b, h, t = bht // (NH * T), (bht // T) % NH, bht % T
-        q_row = b * T + t
+        q = qkv[b * T + t, h * hs:(h + 1) * hs]
+        o = out[b * T + t, h * hs:(h + 1) * hs]
         att_row = att[b, h, t]
         maxval = np.float32(-np.inf)
         for t2 in range(t + 1):
-            k_row = b * T + t2
+            k = qkv[b * T + t2, C + h * hs:C + (h + 1) * hs]
             s = np.float32(0.0)
             for i in range(hs):
-                s += qkv[q_row, h * hs + i] * qkv[k_row, C + h * hs + i]
+                s += q[i] * k[i]
             s *= scale
             att_row[t2] = s
-            if s > maxval:
-                maxval = s
+            maxval = max(maxval, s)
         total = np.float32(0.0)
         for t2 in range(t + 1):
             e = np.exp(att_row[t2] - maxval)
             att_row[t2] = e
             total += e
         inv_total = np.float32(1.0) / total
-        for t2 in range(T):
-            att_row[t2] = att_row[t2] * inv_total if t2 <= t else np.float32(0.0)
-        for i in range(hs):
-            out[q_row, h * hs + i] = 0.0
+        for t2 in range(t + 1):
+            att_row[t2] *= inv_total
+        for t2 in range(t + 1, T):
+            att_row[t2] = 0.0  # the causal mask
+        o[:] = 0.0
         for t2 in range(t + 1):
             a = att_row[t2]
-            v_row = b * T + t2
+            v = qkv[b * T + t2, 2 * C + h * hs:2 * C + (h + 1) * hs]
             for i in range(hs):
-                out[q_row, h * hs + i] += a * qkv[v_row, 2 * C + h * hs + i]
+                o[i] += a * v[i]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -375,23 +380,27 @@ def attention_backward(dqkv, dout, qkv, att, B, T, NH):
     scale = np.float32(1.0) / np.float32(np.sqrt(hs))
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
-        datt = np.empty(T, dtype=qkv.dtype)
+        q_cols, k_cols, v_cols = h * hs, C + h * hs, 2 * C + h * hs
+        datt = np.empty(T, dtype=np.float32)
         for t in range(T):
-            row = b * T + t
-            for i in range(hs):
-                dqkv[row, h * hs + i] = 0.0
-                dqkv[row, C + h * hs + i] = 0.0
-                dqkv[row, 2 * C + h * hs + i] = 0.0
+            dqkv[b * T + t, q_cols:q_cols + hs] = 0.0
+            dqkv[b * T + t, k_cols:k_cols + hs] = 0.0
+            dqkv[b * T + t, v_cols:v_cols + hs] = 0.0
         for t in range(T):
-            q_row = b * T + t
+            q = qkv[b * T + t, q_cols:q_cols + hs]
+            dq = dqkv[b * T + t, q_cols:q_cols + hs]
+            do = dout[b * T + t, h * hs:(h + 1) * hs]
             att_row = att[b, h, t]
             # through out = att @ v
             for t2 in range(t + 1):
-                v_row = b * T + t2
+                v = qkv[b * T + t2, v_cols:v_cols + hs]
+                dv = dqkv[b * T + t2, v_cols:v_cols + hs]
+                a = att_row[t2]
                 d = np.float32(0.0)
                 for i in range(hs):
-                    d += dout[q_row, h * hs + i] * qkv[v_row, 2 * C + h * hs + i]
-                    dqkv[v_row, 2 * C + h * hs + i] += att_row[t2] * dout[q_row, h * hs + i]
+                    d += do[i] * v[i]
+                for i in range(hs):
+                    dv[i] += a * do[i]
                 datt[t2] = d
             # through the softmax: dpre = att * (datt - sum(att * datt))
             dot = np.float32(0.0)
@@ -399,14 +408,42 @@ def attention_backward(dqkv, dout, qkv, att, B, T, NH):
                 dot += att_row[t2] * datt[t2]
             for t2 in range(t + 1):
                 dpre = att_row[t2] * (datt[t2] - dot) * scale
-                k_row = b * T + t2
+                k = qkv[b * T + t2, k_cols:k_cols + hs]
+                dk = dqkv[b * T + t2, k_cols:k_cols + hs]
                 for i in range(hs):
-                    dqkv[q_row, h * hs + i] += dpre * qkv[k_row, C + h * hs + i]
-                    dqkv[k_row, C + h * hs + i] += dpre * qkv[q_row, h * hs + i]
+                    dq[i] += dpre * k[i]
+                for i in range(hs):
+                    dk[i] += dpre * q[i]
 
 
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
+TANH_CLAMP = np.float32(7.90531110763549805)  # beyond this, tanh is +-1 in float32
+TANH_P = [np.float32(c) for c in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
+                                   5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13,
+                                   -2.76076847742355e-16)]
+TANH_Q = [np.float32(c) for c in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04,
+                                   1.19825839466702e-06)]
+P1, P3, P5, P7, P9, P11, P13 = TANH_P
+Q0, Q2, Q4, Q6 = TANH_Q
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def tanh_f32(x):
+    # tanh as a 13/6 rational function (the float32 minimax fit that Eigen uses):
+    # plain arithmetic, so loops over it vectorize; within a few ulps of tanhf
+    x = min(max(x, -TANH_CLAMP), TANH_CLAMP)
+    x2 = x * x
+    p = x2 * P13 + P11
+    p = x2 * p + P9
+    p = x2 * p + P7
+    p = x2 * p + P5
+    p = x2 * p + P3
+    p = x2 * p + P1
+    q = x2 * Q6 + Q4
+    q = x2 * q + Q2
+    q = x2 * q + Q0
+    return x * p / q
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -416,7 +453,7 @@ def gelu_forward(out, inp):
     for i in prange(flat_inp.size):
         x = flat_inp[i]
         u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        flat_out[i] = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(u))
+        flat_out[i] = np.float32(0.5) * x * (np.float32(1.0) + tanh_f32(u))
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -426,7 +463,7 @@ def gelu_backward(dinout, inp):
     for i in prange(flat_inp.size):
         x = flat_inp[i]
         u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        th = np.tanh(u)
+        th = tanh_f32(u)
         sech2 = np.float32(1.0) - th * th
         local = np.float32(0.5) * (np.float32(1.0) + th) + \
             np.float32(0.5) * x * sech2 * GELU_SCALE * (np.float32(1.0) + np.float32(3.0) * GELU_CUBE * x * x)
@@ -662,8 +699,7 @@ def gpt2_backward(model, accumulate=False, loss_scale=1.0):
     crossentropy_backward(a.logits, a.logsumexp, model.targets, V, dloss)
     dlogits = a.logits
     # classifier: logits = lnf @ wte^T
-    np.matmul(dlogits, p.wte, out=d.dC)
-    gemm_weight_grad(g.wte, dlogits, a.lnf, accumulate, scratch)
+    matmul_backward(d.dC, g.wte, None, dlogits, a.lnf, p.wte, accumulate, scratch)
     d.dresidual.fill(0.0)
     last_residual = a.residual3[L - 1] if L > 0 else a.encoded
     layernorm_backward(d.dresidual, g.lnfw, g.lnfb, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, accumulate)
@@ -950,3 +986,52 @@ def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_sta
         else:
             sequence[0, len(prompt) + i] = token
     return out, rng_state
+
+
+# -----------------------------------------------------------------------------
+# --profile: time per layer kind. The layer functions above are looked up by name
+# at call time, so wrapping them here changes nothing else.
+
+PROFILED_LAYERS = [
+    "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
+    "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
+    "gelu_forward", "gelu_backward", "add_inplace", "crossentropy_forward", "crossentropy_backward",
+    "sum_of_squares", "adamw_update",
+]
+
+
+class LayerProfile:
+    """Accumulates wall time per layer function while enabled."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.calls = {}
+        self.steps = 0
+        module = sys.modules[__name__]
+        for name in PROFILED_LAYERS:
+            setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return result
+        timed.__wrapped__ = fn
+        return timed
+
+    def reset(self):
+        self.seconds.clear()
+        self.calls.clear()
+        self.steps = 0
+
+    def table(self, step_seconds):
+        steps = max(1, self.steps)
+        lines = [f"{'layer':<22}{'ms/step':>10}{'calls/step':>12}{'share':>8}"]
+        for name, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            ms = 1000 * seconds / steps
+            lines.append(f"{name:<22}{ms:>10.1f}{self.calls[name] / steps:>12.0f}{seconds / max(step_seconds, 1e-9):>8.1%}")
+        covered = sum(self.seconds.values())
+        lines.append(f"{'(other python)':<22}{1000 * (step_seconds - covered) / steps:>10.1f}")
+        return "\n".join(lines)
