@@ -27,9 +27,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-# Numba may reorder float additions and fuse multiply-adds (so loops vectorize), but
-# never assumes finite values: the attention mask and GELU need inf/nan semantics.
-FASTMATH = {"contract", "reassoc", "nsz"}
+# Numba may reorder float additions (so reductions vectorize), and nothing more: no
+# finite-math flags (the attention mask and GELU need inf semantics), and no
+# "contract"/"nsz", which made freshly JIT-compiled code round differently from the
+# same functions loaded from Numba's cache, breaking bit-exact resume.
+FASTMATH = {"reassoc"}
 
 # -----------------------------------------------------------------------------
 # File formats shared with llm.c. Each file starts with 256 little-endian int32.
@@ -623,14 +625,19 @@ def ensure_activations(model, B, T):
     model.B, model.T = B, T
 
 
-def ensure_training_buffers(model):
-    """Gradients, AdamW moments and backward scratch, allocated once."""
+def ensure_optimizer_buffers(model):
+    """Gradients and AdamW moments, allocated once (eval and sampling need none)."""
     if model.grads_memory is None:
         n = model.num_parameters
         model.grads_memory = np.zeros(n, dtype=np.float32)
         model.grads = slice_views(model.grads_memory, parameter_shapes(model.cfg))
         model.m_memory = np.zeros(n, dtype=np.float32)
         model.v_memory = np.zeros(n, dtype=np.float32)
+
+
+def ensure_training_buffers(model):
+    """Optimizer buffers plus the backward scratch for the current (B, T)."""
+    ensure_optimizer_buffers(model)
     if model.dacts is None:
         shapes = activation_grad_shapes(model.cfg, model.B, model.T)
         model.dacts_memory = np.zeros(buffer_size(shapes), dtype=np.float32)
@@ -1035,3 +1042,513 @@ class LayerProfile:
         covered = sum(self.seconds.values())
         lines.append(f"{'(other python)':<22}{1000 * (step_seconds - covered) / steps:>10.1f}")
         return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face interop: GPT-2 weights from/to model.safetensors (or pytorch_model.bin)
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_LAYER_NAMES = [  # (our tensor, HF name within block i)
+    ("ln1w", "ln_1.weight"), ("ln1b", "ln_1.bias"),
+    ("qkvw", "attn.c_attn.weight"), ("qkvb", "attn.c_attn.bias"),
+    ("attprojw", "attn.c_proj.weight"), ("attprojb", "attn.c_proj.bias"),
+    ("ln2w", "ln_2.weight"), ("ln2b", "ln_2.bias"),
+    ("fcw", "mlp.c_fc.weight"), ("fcb", "mlp.c_fc.bias"),
+    ("fcprojw", "mlp.c_proj.weight"), ("fcprojb", "mlp.c_proj.bias"),
+]
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def read_safetensors(path):
+    """name -> float32 array, from the safetensors layout: u64 header size, JSON, raw data."""
+    import json
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a safetensors file")
+    tensors, data = {}, memoryview(raw)[8 + n:]
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        array = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = array.astype(np.float32)
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    import json
+    header, offset, chunks = {}, 0, []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        chunks.append(array)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    write_file_atomic(path, [len(blob).to_bytes(8, "little"), blob] + chunks)
+
+
+def read_hf_state_dict(path):
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path}: reading pytorch_model.bin needs PyTorch; convert it to model.safetensors instead")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def gpt2_from_hf(path, num_heads=None):
+    """A model from Hugging Face GPT-2 weights; Conv1D (in, out) weights are transposed."""
+    if not os.path.isfile(path):
+        raise UserError(f"weights file not found: {path}")
+    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in read_hf_state_dict(path).items()}
+    try:
+        V, C = sd["wte.weight"].shape
+        maxT = sd["wpe.weight"].shape[0]
+        L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: not a GPT-2 state dict (wte/wpe/h.N tensors missing)")
+    NH = num_heads or {768: 12, 1024: 16, 1280: 20, 1600: 25}.get(C, max(1, C // 64))
+    model = GPT2(GPT2Config(maxT, V, padded_vocab(V), L, NH, C))
+    p = model.params
+    p.wte[:V] = sd["wte.weight"]
+    p.wpe[...] = sd["wpe.weight"]
+    for l in range(L):
+        for ours, theirs in HF_LAYER_NAMES:
+            tensor = sd[f"h.{l}.{theirs}"]
+            getattr(p, ours)[l] = tensor.T if theirs in HF_CONV1D else tensor
+    p.lnfw[...] = sd["ln_f.weight"]
+    p.lnfb[...] = sd["ln_f.bias"]
+    return model
+
+
+def write_hf(model, path):
+    """Write Hugging Face GPT-2 naming (Conv1D layout, unpadded vocab) as safetensors."""
+    cfg, p = model.cfg, model.params
+    tensors = {"wte.weight": p.wte[:cfg.vocab_size], "wpe.weight": p.wpe}
+    for l in range(cfg.num_layers):
+        for ours, theirs in HF_LAYER_NAMES:
+            tensor = getattr(p, ours)[l]
+            tensors[f"h.{l}.{theirs}"] = tensor.T if theirs in HF_CONV1D else tensor
+    tensors["ln_f.weight"], tensors["ln_f.bias"] = p.lnfw, p.lnfb
+    write_safetensors(path, tensors)
+
+
+# -----------------------------------------------------------------------------
+# Training state on disk: model_NNNNNNNN.bin (llm.c v3 weights) beside
+# state_NNNNNNNN.bin (AdamW m and v, step, data position, sampler RNG).
+
+STATE_FILE_MAGIC, STATE_FILE_VERSION = 20240527, 1
+
+
+def checkpoint_paths(output_dir, step):
+    return (os.path.join(output_dir, f"model_{step:08d}.bin"), os.path.join(output_dir, f"state_{step:08d}.bin"))
+
+
+def save_training_checkpoint(model, output_dir, step, extra, keep_last):
+    import json
+    model_path, state_path = checkpoint_paths(output_dir, step)
+    write_checkpoint(model, model_path)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    blob = json.dumps(dict(extra, step=step, adam_step=model.step)).encode()
+    header[:4] = [STATE_FILE_MAGIC, STATE_FILE_VERSION, model.num_parameters % (1 << 31), len(blob)]
+    write_file_atomic(state_path, [header, model.m_memory, model.v_memory, blob])  # written last: marks it complete
+    steps = sorted(list_checkpoint_steps(output_dir))
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        for path in checkpoint_paths(output_dir, old):
+            if os.path.exists(path):
+                os.remove(path)
+    return model_path
+
+
+def list_checkpoint_steps(output_dir):
+    import re
+    steps = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = re.fullmatch(r"state_(\d{8})\.bin", name)
+        if match and os.path.exists(checkpoint_paths(output_dir, int(match.group(1)))[0]):
+            steps.append(int(match.group(1)))
+    return steps
+
+
+def load_training_checkpoint(output_dir):
+    """(model with optimizer state, extra dict) from the newest complete checkpoint; a
+    damaged newest one is reported and the one before it used."""
+    import json
+    for step in sorted(list_checkpoint_steps(output_dir), reverse=True):
+        model_path, state_path = checkpoint_paths(output_dir, step)
+        try:
+            model = read_checkpoint(model_path)
+            n = model.num_parameters
+            expected_min = HEADER_INTS * 4 + 8 * n
+            with open(state_path, "rb") as f:
+                header = read_header(f, state_path, STATE_FILE_MAGIC, (STATE_FILE_VERSION,))
+                if header[2] != n % (1 << 31) or os.path.getsize(state_path) != expected_min + int(header[3]):
+                    raise UserError(f"{state_path}: size or parameter count does not match {model_path}")
+                ensure_optimizer_buffers(model)
+                f.readinto(memoryview(model.m_memory).cast("B"))
+                f.readinto(memoryview(model.v_memory).cast("B"))
+                extra = json.loads(f.read(int(header[3])))
+            model.step = int(extra["adam_step"])
+            return model, extra
+        except (UserError, ValueError, KeyError) as e:
+            print(f"warning: skipping damaged checkpoint at step {step}: {e}", file=sys.stderr)
+    raise UserError(f"--resume: no complete checkpoint in {output_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer (llm.c's gpt2_tokenizer.bin, for decoding without tiktoken)
+
+
+def read_tokenizer(path):
+    """List of byte strings per token id, or None when the file is missing."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        header = read_header(f, path, TOKENIZER_MAGIC, (1, 2))
+        table = []
+        for _ in range(int(header[2])):
+            length = f.read(1)
+            if not length:
+                raise UserError(f"{path}: truncated tokenizer file")
+            table.append(f.read(length[0]))
+    return table
+
+
+def decode(tokenizer, tokens):
+    if tokenizer is None:
+        return " ".join(str(t) for t in tokens)
+    return b"".join(tokenizer[t] for t in tokens if t < len(tokenizer) and t != EOT_TOKEN).decode("utf-8", errors="replace")
+
+
+def encode_prompt(text):
+    from prepro_tinyshakespeare import PreproError, load_gpt2_encoding
+    try:
+        encoding = load_gpt2_encoding(mirror=os.environ.get("DATA_MIRROR"))
+    except PreproError as e:
+        raise UserError(str(e))
+    return encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+
+# -----------------------------------------------------------------------------
+# Learning rate, flops, and the main loop
+
+
+def learning_rate(step, max_lr, total_steps, warmup_steps, schedule, final_lr_frac):
+    """Linear warmup over warmup_steps, then cosine/linear decay to final_lr_frac * max_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return max_lr
+    min_lr = max_lr * final_lr_frac
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return max_lr + progress * (min_lr - max_lr)
+
+
+def flops_per_token(cfg, T):
+    """6N for the parameters plus 12*L*C*T for attention (nanoGPT's count)."""
+    n = buffer_size(parameter_shapes(cfg)) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.channels
+    return 6 * n + 12 * cfg.num_layers * cfg.channels * T
+
+
+def measure_cpu_peak_flops():
+    """The machine's float32 matmul ceiling, from a short numpy sgemm run."""
+    a = np.ones((1024, 1024), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, a, out=out)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.matmul(a, a, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / best
+
+
+def evaluate(forward, loader, max_batches):
+    loader.reset()
+    batches = loader.num_batches() if max_batches <= 0 else min(max_batches, loader.num_batches())
+    total = 0.0
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        total += forward(x, y)
+    return total / batches
+
+
+def load_model(init, seed, vocab_size=50257):
+    """--init: 'dN' (from scratch), an llm.c checkpoint, or Hugging Face weights."""
+    if init.endswith((".safetensors", "pytorch_model.bin")):
+        return gpt2_from_hf(init)
+    if os.path.exists(init) or init.endswith(".bin"):
+        return read_checkpoint(init)
+    return gpt2_init_random(config_from_depth(init, vocab_size), seed)
+
+
+class JsonlLog:
+    def __init__(self, output_dir):
+        self.path = os.path.join(output_dir, "log.jsonl") if output_dir else None
+
+    def write(self, **record):
+        if self.path:
+            import json
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 on llm.c token files (CPU with Numba, or --device cuda). "
+                    "Also: --eval-only, --sample (text generation), --export-hf.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("-i", "--train-data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
+                   help="training token file(s), a glob pattern allowed")
+    g.add_argument("-j", "--val-data", default="data/tinyshakespeare/tiny_shakespeare_val.bin",
+                   help="validation token file(s); '' for none")
+    g.add_argument("-e", "--init", default="d12",
+                   help="model: dN from scratch (d12 = GPT-2 124M), an llm.c .bin checkpoint, or Hugging Face "
+                        "model.safetensors / pytorch_model.bin")
+    g.add_argument("-o", "--output-dir", default=None, help="checkpoints and log.jsonl go here (none: not written)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
+    g.add_argument("--tf32", type=int, default=1, help="cuda: TF32 matmuls (1) or strict fp32 (0)")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("-b", "--batch-size", type=int, default=4, help="sequences per micro-batch (B)")
+    g.add_argument("-t", "--seq-len", type=int, default=64, help="tokens per sequence (T)")
+    g.add_argument("-d", "--total-batch-tokens", type=int, default=0,
+                   help="tokens per optimizer step; a multiple of B*T gives gradient accumulation (0: B*T)")
+    g.add_argument("-x", "--steps", type=int, default=40, help="optimizer steps to train to")
+    g.add_argument("-l", "--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("-u", "--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="constant",
+                   help="decay after warmup")
+    g.add_argument("-q", "--final-lr-frac", type=float, default=0.0, help="final lr as a fraction of --lr")
+    g.add_argument("-c", "--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--weight-decay-mode", choices=["matrices", "all"], default="matrices",
+                   help="decay only the 2-D weights, or every tensor (llm.c's CPU trainer)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--shuffle", type=int, default=1, help="shuffle the training samples each epoch (val stays in order)")
+    g = p.add_argument_group("evaluation, sampling, checkpoints, output")
+    g.add_argument("-v", "--val-every", type=int, default=10, help="val loss every N steps (0: never)")
+    g.add_argument("-m", "--val-batches", type=int, default=5, help="val batches per evaluation (0: all)")
+    g.add_argument("-s", "--sample-every", type=int, default=20, help="print a sample every N steps (0: never)")
+    g.add_argument("-g", "--gen-tokens", type=int, default=64, help="tokens per sample")
+    g.add_argument("-n", "--checkpoint-every", type=int, default=0,
+                   help="checkpoint every N steps, plus at the end (needs --output-dir; 0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
+    g.add_argument("--tokenizer", default="data/gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
+    g.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak TFLOP/s for MFU (0: measured numpy sgemm on the CPU, the datasheet TF32/FP32 figure on H100)")
+    g.add_argument("--profile", action="store_true", help="print time per layer kind after training")
+    g = p.add_argument_group("other modes")
+    g.add_argument("--eval-only", action="store_true", help="print the val loss and perplexity of --init and exit")
+    g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
+    g.add_argument("--prompt", default="", help="--sample: text to continue (empty: start from <|endoftext|>)")
+    g.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (0: greedy)")
+    g.add_argument("--top-k", type=int, default=0, help="--sample: keep the k most likely tokens (0: all)")
+    g.add_argument("--no-kv-cache", action="store_true", help="--sample: recompute the whole sequence per token")
+    g.add_argument("--compare-kv-cache", action="store_true", help="--sample: time generation with and without the cache")
+    g.add_argument("--export-hf", metavar="PATH", default=None,
+                   help="write the final (or --init) model as Hugging Face GPT-2 model.safetensors")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.resume and not args.output_dir:
+        p.error("--resume needs --output-dir")
+    if args.total_batch_tokens and args.total_batch_tokens % (args.batch_size * args.seq_len):
+        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of B*T = {args.batch_size * args.seq_len}")
+    return args
+
+
+def sample_mode(model, args, tokenizer):
+    prompt = encode_prompt(args.prompt) if args.prompt else [EOT_TOKEN]
+    runs = [False, True] if args.compare_kv_cache else [not args.no_kv_cache]
+    for use_cache in runs:
+        t0 = time.perf_counter()
+        tokens, _ = generate(model, prompt, args.gen_tokens, args.temperature, args.top_k, args.seed, use_cache)
+        seconds = time.perf_counter() - t0
+        print(f"[{'with' if use_cache else 'without'} KV cache: {len(tokens)} tokens in {seconds:.2f} s, "
+              f"{len(tokens) / seconds:.1f} tokens/s]")
+    print(decode(tokenizer, prompt if args.prompt else []) + decode(tokenizer, tokens))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    tokenizer = read_tokenizer(args.tokenizer)
+    extra = {}
+    if args.resume and list_checkpoint_steps(args.output_dir):
+        model, extra = load_training_checkpoint(args.output_dir)
+        print(f"resuming from {args.output_dir} at step {extra['step']}")
+    else:
+        if args.resume:
+            print(f"--resume: no checkpoint in {args.output_dir} yet, starting fresh")
+        model = load_model(args.init, args.seed)
+    cfg = model.cfg
+    print(f"model: L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} V={cfg.vocab_size} maxT={cfg.max_seq_len} "
+          f"({model.num_parameters:,} parameters)")
+    if args.sample:
+        sample_mode(model, args, tokenizer)
+        return 0
+    B, T = args.batch_size, args.seq_len
+    if T > cfg.max_seq_len:
+        raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    val_loader = DataLoader(args.val_data, B, T, cfg.vocab_size) if args.val_data else None
+
+    if args.device == "cuda":
+        import train_gpt2_cuda as gcu
+        if not gcu.cuda_available():
+            raise UserError("--device cuda: no CUDA GPU found (install numba-cuda; check the driver)")
+        dm = gcu.to_device(model, B, T, tf32=bool(args.tf32))
+        if extra:
+            gcu.optimizer_state_from_host(dm, model.m_memory, model.v_memory, model.step)
+
+        def forward(x, y):
+            gcu.gpt2_forward_cuda(dm, x, y)
+            return gcu.mean_loss_cuda(dm)
+        train_forward = forward
+        backward = lambda accumulate, scale: gcu.gpt2_backward_cuda(dm, accumulate, scale)  # noqa: E731
+        update = lambda *a: gcu.gpt2_update_cuda(dm, *a)  # noqa: E731
+
+        def sync_to_host():
+            gcu.params_to_host(dm, model)
+            model.m_memory, model.v_memory = gcu.optimizer_state_to_host(dm)
+            model.step = dm.step
+    else:
+        forward = lambda x, y: gpt2_forward(model, x, y)  # noqa: E731
+        train_forward = forward
+        backward = lambda accumulate, scale: gpt2_backward(model, accumulate, scale)  # noqa: E731
+        update = lambda *a: gpt2_update(model, *a)  # noqa: E731
+        sync_to_host = lambda: None  # noqa: E731
+
+    if args.eval_only:
+        if val_loader is None:
+            raise UserError("--eval-only needs validation data (-j)")
+        loss = evaluate(forward, val_loader, args.val_batches)
+        print(f"val loss {loss:.6f} | perplexity {math.exp(min(loss, 700)):.3f}")
+        return 0
+
+    train_loader = DataLoader(args.train_data, B, T, cfg.vocab_size, shuffle=bool(args.shuffle), seed=args.seed)
+    accum_steps = max(1, args.total_batch_tokens // (B * T)) if args.total_batch_tokens else 1
+    tokens_per_step = accum_steps * B * T
+    start_step = 0
+    rng_state = args.seed
+    if extra:
+        start_step = extra["step"]
+        train_loader.set_state(extra["loader"])
+        rng_state = extra["rng_state"]
+        if extra.get("B") != B or extra.get("T") != T or extra.get("accum_steps") != accum_steps:
+            raise UserError(f"--resume: the checkpoint was trained with B={extra.get('B')} T={extra.get('T')} "
+                            f"accumulation={extra.get('accum_steps')}; pass the same -b, -t, -d")
+    if args.device == "cuda":
+        peak = (args.peak_tflops or gcu.datasheet_peak_tflops(bool(args.tf32))) * 1e12
+    else:
+        peak = args.peak_tflops * 1e12 or measure_cpu_peak_flops()
+    flops_per_step = flops_per_token(cfg, T) * tokens_per_step
+    log = JsonlLog(args.output_dir)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    print(f"train: {train_loader.num_batches()} batches of B={B} T={T} in {len(train_loader.paths)} file(s); "
+          f"{accum_steps} micro-step(s) per step ({tokens_per_step} tokens); "
+          f"val: {val_loader.num_batches() if val_loader else 0} batches")
+    print(f"ready in {time.perf_counter() - t_start:.2f} s; MFU is against {peak / 1e12:.3f} TFLOP/s")
+
+    profile = LayerProfile() if args.profile else None
+    interrupted = []
+    import signal
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    def checkpoint(step):
+        if not args.output_dir:
+            return
+        sync_to_host()
+        path = save_training_checkpoint(model, args.output_dir, step,
+                                        {"loader": train_loader.state(), "rng_state": rng_state, "B": B, "T": T,
+                                         "accum_steps": accum_steps, "seed": args.seed}, args.keep_checkpoints)
+        print(f"checkpoint: {path}")
+
+    step_times = []
+    try:
+        for step in range(start_step, args.steps + 1):
+            last = step == args.steps
+            if val_loader and args.val_every > 0 and (step % args.val_every == 0 or last):
+                val_loss = evaluate(forward, val_loader, args.val_batches)
+                print(f"val loss {val_loss:.6f} | perplexity {math.exp(min(val_loss, 700)):.2f}")
+                log.write(type="val", step=step, loss=val_loss, perplexity=math.exp(min(val_loss, 700)))
+            if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
+                sync_to_host()
+                tokens, rng_state = generate(model, [EOT_TOKEN], min(args.gen_tokens, cfg.max_seq_len - 1),
+                                             rng_state=rng_state)
+                print("generating:\n---\n" + decode(tokenizer, tokens) + "\n---")
+            if last:
+                break
+            t0 = time.perf_counter()
+            lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule, args.final_lr_frac)
+            loss = 0.0
+            for micro in range(accum_steps):
+                x, y = train_loader.next_batch()
+                loss += train_forward(x, y) / accum_steps
+                backward(micro > 0, 1.0 / accum_steps)
+            norm = float(update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.weight_decay_mode,
+                                args.grad_clip))
+            seconds = time.perf_counter() - t0
+            if profile:
+                profile.steps += 1
+            step_times.append(seconds)
+            mfu = flops_per_step / seconds / peak
+            print(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | norm {norm:7.4f} | lr {lr:.2e} | "
+                  f"{1000 * seconds:7.1f} ms | {tokens_per_step / seconds:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
+            log.write(type="train", step=step + 1, loss=loss, norm=norm, lr=lr, ms=1000 * seconds,
+                      tokens_per_s=tokens_per_step / seconds, mfu=mfu)
+            if not math.isfinite(loss):
+                raise UserError(f"loss became {loss} at step {step + 1}: lower the learning rate or clip gradients")
+            if interrupted:
+                print("interrupted: saving a checkpoint")
+                checkpoint(step + 1)
+                return 130
+            if args.output_dir and args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 \
+                    and step + 1 < args.steps:
+                checkpoint(step + 1)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if start_step < args.steps:
+        checkpoint(args.steps)
+    if step_times:
+        times = sorted(step_times[1:] or step_times)
+        print(f"done: median step {1000 * times[len(times) // 2]:.1f} ms (first step {1000 * step_times[0]:.1f} ms)")
+    if profile:
+        print(profile.table(sum(step_times)))
+    if args.export_hf:
+        sync_to_host()
+        write_hf(model, args.export_hf)
+        print(f"wrote {args.export_hf}")
+    return 0
+
+
+def cli(argv=None):
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
