@@ -1,0 +1,60 @@
+# GPT-2 in Python with Numba, llm.c style. `make help` lists the targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# Offline copies of tinyshakespeare.txt and gpt2.tiktoken: ../shared/data when it exists.
+DATA_MIRROR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+export DATA_MIRROR
+TRAIN_OUT ?= data/train_124M
+TRAIN_FLAGS ?=
+VAL_BIN := data/tinyshakespeare/tiny_shakespeare_val.bin
+REFERENCE := data/gpt2_124M.bin data/gpt2_124M_debug_state.bin
+# This environment pins OpenBLAS to its Haswell kernels (a workaround for old builds);
+# numpy's current OpenBLAS runs about 1.7x faster on this CPU without the pin.
+NO_BLAS_PIN := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
+
+.PHONY: help install install-test data train test pytest parity reference bench profile plot addition gpu-check clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install:  ## install the run-time packages (requirements.txt) if missing
+	@$(PYTHON) -c "import numpy, numba, tiktoken, requests, tqdm, matplotlib" 2>/dev/null || $(PIP) install -q -r requirements.txt
+
+install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU)
+	@$(PYTHON) -c "import pytest, torch" 2>/dev/null || $(PIP) install -q -r requirements-test.txt
+
+data: install  ## tokenize tinyshakespeare into data/tinyshakespeare/*.bin
+	$(PYTHON) prepro_tinyshakespeare.py
+
+train: data  ## train GPT-2 124M from scratch with llm.c's CPU defaults (TRAIN_FLAGS=... to change)
+	$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -o $(TRAIN_OUT) $(TRAIN_FLAGS)
+
+reference: install-test data  ## dump the PyTorch reference for GPT-2 124M (checkpoint, debug state, recipe)
+	@if [ -f data/gpt2_124M_debug_state.bin.json ] && [ -f data/gpt2_124M.bin ]; then echo "reference exists: $(REFERENCE)"; \
+	else $(PYTHON) dev/torch_reference.py --depth 12 --tokens $(VAL_BIN); fi
+
+parity: reference  ## python test_gpt2.py on GPT-2 124M against the PyTorch reference
+	$(PYTHON) test_gpt2.py
+
+pytest: install-test data  ## the pytest suite
+	$(PYTHON) -m pytest -q tests
+
+test: parity pytest  ## everything: the 124M parity check, then the pytest suite
+
+bench: install-test  ## benchmark our step against PyTorch's (see dev/bench.py --help)
+	$(NO_BLAS_PIN) $(PYTHON) dev/bench.py
+
+profile: data  ## time per layer kind for 124M at B=4, T=64
+	$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -x 6 -v 0 -s 0 --profile
+
+plot:  ## loss curves of $(TRAIN_OUT)/log.jsonl to $(TRAIN_OUT)/loss.png
+	$(PYTHON) dev/plot_log.py $(TRAIN_OUT)/log.jsonl -o $(TRAIN_OUT)/loss.png
+
+addition: install  ## the masked-loss example: learn a+b=c, then report accuracy
+	$(PYTHON) dev/addition.py
+
+gpu-check:  ## on an NVIDIA machine: CUDA parity and benchmark (dev/gpu_check.sh)
+	bash dev/gpu_check.sh
+
+clean:  ## remove Python and Numba caches (keeps data/)
+	rm -rf __pycache__ */__pycache__ .pytest_cache
