@@ -555,9 +555,13 @@ def sum_of_squares(x):
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def adamw_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1,
                  bias_correction2, grad_scale):
-    # one streaming pass; decoupled weight decay as in llm.c and torch.optim.AdamW
+    # one streaming pass; decoupled weight decay as in llm.c and torch.optim.AdamW.
+    # Returns the sum of squares of the (unscaled) gradients it read, in float64, so
+    # the gradient norm costs no extra pass when there is no clipping.
     one = np.float32(1.0)
+    sum_sq = 0.0
     for i in prange(params.size):
+        sum_sq += np.float64(grads[i]) * np.float64(grads[i])
         g = grads[i] * grad_scale
         mi = beta1 * m[i] + (one - beta1) * g
         vi = beta2 * v[i] + (one - beta2) * g * g
@@ -566,6 +570,7 @@ def adamw_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_
         m_hat = mi / bias_correction1
         v_hat = vi / bias_correction2
         params[i] -= lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * params[i])
+    return sum_sq
 
 
 # -----------------------------------------------------------------------------
@@ -591,21 +596,39 @@ class GPT2:
         self.targets = None
 
 
+INIT_BLOCK = 1 << 20  # parameters drawn per independent random stream
+
+
+def fill_standard_normal(buffer, seed):
+    """Standard normals into a flat float32 buffer, block k from its own stream
+    SeedSequence([seed, k]): the result does not depend on the thread count, and the
+    blocks are drawn on every core (numpy's generators release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fill(k):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
+        rng.standard_normal(out=buffer[k * INIT_BLOCK:(k + 1) * INIT_BLOCK], dtype=np.float32)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(fill, range((buffer.size + INIT_BLOCK - 1) // INIT_BLOCK)))
+
+
 def gpt2_init_random(cfg, seed):
     """llm.c's scheme: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L),
     zero biases, unit LayerNorm weights; the padded vocab rows stay zero."""
     model = GPT2(cfg)
-    rng = np.random.default_rng(seed)
+    fill_standard_normal(model.params_memory, seed)
     p = model.params
-    std = 0.02
+    residual_std = np.float32(0.02 / math.sqrt(2 * cfg.num_layers))
     for name, _ in parameter_shapes(cfg):
         view = getattr(p, name)
-        if name in ("ln1w", "ln2w", "lnfw"):
-            view[...] = 1.0
-        elif name in ("wte", "wpe", "qkvw", "fcw"):
-            view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+        if name in ("wte", "wpe", "qkvw", "fcw"):
+            view *= np.float32(0.02)
         elif name in ("attprojw", "fcprojw"):
-            view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std / math.sqrt(2 * cfg.num_layers))
+            view *= residual_std
+        elif name in ("ln1w", "ln2w", "lnfw"):
+            view[...] = 1.0
+        else:
+            view[...] = 0.0  # biases
     p.wte[cfg.vocab_size:] = 0.0
     return model
 
@@ -767,8 +790,8 @@ def gpt2_update(model, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
     every tensor (llm.c's CPU trainer), 'matrices' only the 2-D weights (nanoGPT).
     Clips the gradient to global norm grad_clip when > 0. Returns the norm before clipping."""
     model.step += 1
-    norm = math.sqrt(sum_of_squares(model.grads_memory))
-    grad_scale = grad_clip / (norm + 1e-6) if grad_clip > 0 and norm > grad_clip else 1.0
+    norm = math.sqrt(sum_of_squares(model.grads_memory)) if grad_clip > 0 else None  # clipping needs it first
+    grad_scale = grad_clip / (norm + 1e-6) if norm is not None and norm > grad_clip else 1.0
     f32 = np.float32
     common = (f32(lr), f32(beta1), f32(beta2), f32(eps))
     corrections = (f32(1.0 - beta1 ** model.step), f32(1.0 - beta2 ** model.step), f32(grad_scale))
@@ -784,10 +807,11 @@ def gpt2_update(model, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                 groups.append((start, end, decay))
     else:
         raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
+    sum_sq = 0.0
     for start, end, decay in groups:
-        adamw_update(model.params_memory[start:end], model.grads_memory[start:end],
-                     model.m_memory[start:end], model.v_memory[start:end], *common, f32(decay), *corrections)
-    return norm
+        sum_sq += adamw_update(model.params_memory[start:end], model.grads_memory[start:end],
+                               model.m_memory[start:end], model.v_memory[start:end], *common, f32(decay), *corrections)
+    return norm if norm is not None else math.sqrt(sum_sq)
 
 
 # -----------------------------------------------------------------------------
@@ -1047,17 +1071,23 @@ class LayerProfile:
         self.seconds = {}
         self.calls = {}
         self.steps = 0
+        self.depth = 0
         module = sys.modules[__name__]
         for name in PROFILED_LAYERS:
             setattr(module, name, self._wrap(name, getattr(module, name)))
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
+            if self.depth:  # inside another profiled layer: counted there
+                return fn(*args, **kwargs)
+            self.depth += 1
             t0 = time.perf_counter()
-            result = fn(*args, **kwargs)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return result
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
         timed.__wrapped__ = fn
         return timed
 
