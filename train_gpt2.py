@@ -1015,12 +1015,17 @@ def gpt2_decode_step(model, cache, token):
     return c.logits[0]
 
 
+def start_token(cfg):
+    """<|endoftext|> starts a sample; a model with a smaller vocabulary uses its last id."""
+    return min(EOT_TOKEN, cfg.vocab_size - 1)
+
+
 def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_state=1337, use_kv_cache=True):
     """Continue prompt_tokens by num_tokens sampled tokens. With use_kv_cache=False each
     new token reruns the whole sequence through gpt2_forward (llm.c's way), for
     checking and timing. Returns (new tokens, rng_state)."""
     cfg = model.cfg
-    prompt = [int(t) for t in prompt_tokens] or [EOT_TOKEN]
+    prompt = [int(t) for t in prompt_tokens] or [start_token(cfg)]
     check_tokens(np.array(prompt), cfg.vocab_size, "prompt")
     total = len(prompt) + num_tokens
     if total > cfg.max_seq_len:
@@ -1169,7 +1174,9 @@ def read_hf_state_dict(path):
 
 
 def gpt2_from_hf(path, num_heads=None):
-    """A model from Hugging Face GPT-2 weights; Conv1D (in, out) weights are transposed."""
+    """A model from Hugging Face GPT-2 weights; Conv1D (in, out) weights are transposed.
+    The head count comes from num_heads, else n_head in a config.json beside the file,
+    else GPT-2's sizes (12 heads at 768 channels, ...)."""
     if not os.path.isfile(path):
         raise UserError(f"weights file not found: {path}")
     sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in read_hf_state_dict(path).items()}
@@ -1179,7 +1186,14 @@ def gpt2_from_hf(path, num_heads=None):
         L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     except (KeyError, ValueError):
         raise UserError(f"{path}: not a GPT-2 state dict (wte/wpe/h.N tensors missing)")
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if num_heads is None and os.path.isfile(config_path):
+        import json
+        with open(config_path) as f:
+            num_heads = json.load(f).get("n_head")
     NH = num_heads or {768: 12, 1024: 16, 1280: 20, 1600: 25}.get(C, max(1, C // 64))
+    if C % NH:
+        raise UserError(f"{path}: {NH} heads do not divide {C} channels (put n_head in config.json beside it)")
     model = GPT2(GPT2Config(maxT, V, padded_vocab(V), L, NH, C))
     p = model.params
     p.wte[:V] = sd["wte.weight"]
@@ -1224,11 +1238,17 @@ def save_training_checkpoint(model, output_dir, step, extra, keep_last):
     blob = json.dumps(dict(extra, step=step, adam_step=model.step)).encode()
     header[:4] = [STATE_FILE_MAGIC, STATE_FILE_VERSION, model.num_parameters % (1 << 31), len(blob)]
     write_file_atomic(state_path, [header, model.m_memory, model.v_memory, blob])  # written last: marks it complete
-    steps = sorted(list_checkpoint_steps(output_dir))
+    steps = list_checkpoint_steps(output_dir)
     for old in steps[:-keep_last] if keep_last > 0 else []:
         for path in checkpoint_paths(output_dir, old):
             if os.path.exists(path):
                 os.remove(path)
+    # leftovers of saves that were killed: temp files, and weights whose state never landed
+    import re
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"(model|state)_(\d{8})\.bin(\.tmp\.\d+)?", name)
+        if match and int(match.group(2)) < step and (match.group(3) or int(match.group(2)) not in steps):
+            os.remove(os.path.join(output_dir, name))
     return model_path
 
 
@@ -1239,7 +1259,7 @@ def list_checkpoint_steps(output_dir):
         match = re.fullmatch(r"state_(\d{8})\.bin", name)
         if match and os.path.exists(checkpoint_paths(output_dir, int(match.group(1)))[0]):
             steps.append(int(match.group(1)))
-    return steps
+    return sorted(steps)
 
 
 def load_training_checkpoint(output_dir):
@@ -1360,6 +1380,23 @@ class JsonlLog:
     def __init__(self, output_dir):
         self.path = os.path.join(output_dir, "log.jsonl") if output_dir else None
 
+    def truncate(self, step):
+        """On resume: drop what the interrupted run logged after its checkpoint at step
+        (train records past it, evals at or past it), since the resumed run logs them again."""
+        if not self.path or not os.path.isfile(self.path):
+            return
+        import json
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the interruption
+                if record.get("step", 0) < step or (record.get("type") == "train" and record.get("step") == step):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        write_file_atomic(self.path, [line.encode() for line in kept])
+
     def write(self, **record):
         if self.path:
             import json
@@ -1438,15 +1475,19 @@ def parse_args(argv):
 
 
 def sample_mode(model, args, tokenizer):
-    prompt = encode_prompt(args.prompt) if args.prompt else [EOT_TOKEN]
+    prompt = encode_prompt(args.prompt) if args.prompt else [start_token(model.cfg)]
     runs = [False, True] if args.compare_kv_cache else [not args.no_kv_cache]
+    outputs = []
     for use_cache in runs:
         t0 = time.perf_counter()
         tokens, _ = generate(model, prompt, args.gen_tokens, args.temperature, args.top_k, args.seed, use_cache)
         seconds = time.perf_counter() - t0
+        outputs.append(tokens)
         print(f"[{'with' if use_cache else 'without'} KV cache: {len(tokens)} tokens in {seconds:.2f} s, "
               f"{len(tokens) / seconds:.1f} tokens/s]")
-    print(decode(tokenizer, prompt if args.prompt else []) + decode(tokenizer, tokens))
+    if len(outputs) == 2:
+        print(f"[same tokens with and without the cache: {'yes' if outputs[0] == outputs[1] else 'NO'}]")
+    print(decode(tokenizer, prompt if args.prompt else []) + decode(tokenizer, outputs[-1]))
 
 
 def main(argv=None):
@@ -1466,6 +1507,7 @@ def main(argv=None):
           f"({model.num_parameters:,} parameters)")
     if args.sample:
         sample_mode(model, args, tokenizer)
+        export_hf(model, args.export_hf)
         return 0
     B, T = args.batch_size, args.seq_len
     if T > cfg.max_seq_len:
@@ -1503,8 +1545,11 @@ def main(argv=None):
             raise UserError("--eval-only needs validation data (-j)")
         loss = evaluate(forward, val_loader, args.val_batches)
         print(f"val loss {loss:.6f} | perplexity {math.exp(min(loss, 700)):.3f}")
+        export_hf(model, args.export_hf)
         return 0
 
+    if extra and extra.get("seed") != args.seed:
+        raise UserError(f"--resume: the checkpoint was trained with --seed {extra.get('seed')}; pass the same seed")
     train_loader = DataLoader(args.train_data, B, T, cfg.vocab_size, shuffle=bool(args.shuffle), seed=args.seed)
     accum_steps = max(1, args.total_batch_tokens // (B * T)) if args.total_batch_tokens else 1
     tokens_per_step = accum_steps * B * T
@@ -1525,6 +1570,8 @@ def main(argv=None):
     log = JsonlLog(args.output_dir)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+    if extra:
+        log.truncate(start_step)
     print(f"train: {train_loader.num_batches()} batches of B={B} T={T} in {len(train_loader.paths)} file(s); "
           f"{accum_steps} micro-step(s) per step ({tokens_per_step} tokens); "
           f"val: {val_loader.num_batches() if val_loader else 0} batches")
@@ -1554,7 +1601,7 @@ def main(argv=None):
                 log.write(type="val", step=step, loss=val_loss, perplexity=math.exp(min(val_loss, 700)))
             if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
                 sync_to_host()
-                tokens, rng_state = generate(model, [EOT_TOKEN], min(args.gen_tokens, cfg.max_seq_len - 1),
+                tokens, rng_state = generate(model, [start_token(cfg)], min(args.gen_tokens, cfg.max_seq_len - 1),
                                              rng_state=rng_state)
                 print("generating:\n---\n" + decode(tokenizer, tokens) + "\n---")
             if last:
@@ -1597,9 +1644,14 @@ def main(argv=None):
         print(profile.table(sum(step_times)))
     if args.export_hf:
         sync_to_host()
-        write_hf(model, args.export_hf)
-        print(f"wrote {args.export_hf}")
+        export_hf(model, args.export_hf)
     return 0
+
+
+def export_hf(model, path):
+    if path:
+        write_hf(model, path)
+        print(f"wrote {path} (Hugging Face GPT-2 layout)")
 
 
 def cli(argv=None):
