@@ -14,6 +14,7 @@ update), data, sampling, the training loop.
 
 import argparse
 import math
+import mmap
 import os
 import sys
 import time
@@ -577,6 +578,16 @@ def adamw_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_
 # The model: buffers, checkpoint I/O, forward, backward, update
 
 
+def zeros_f32(n):
+    """A zeroed float32 buffer of n values. Big ones are anonymous memory mapped with
+    MAP_POPULATE: the kernel faults every page in at once, which on the VMs we measured
+    runs about 6x faster than first-touch page faults inside the first training step."""
+    if n * 4 < (1 << 24) or not hasattr(mmap, "MAP_POPULATE"):
+        return np.zeros(n, dtype=np.float32)
+    memory = mmap.mmap(-1, n * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(memory, dtype=np.float32)
+
+
 class GPT2:
     """Holds the buffers and their views; all the work is in the functions below."""
 
@@ -584,7 +595,7 @@ class GPT2:
         self.cfg = cfg
         shapes = parameter_shapes(cfg)
         self.num_parameters = buffer_size(shapes)
-        self.params_memory = np.zeros(self.num_parameters, dtype=np.float32)
+        self.params_memory = zeros_f32(self.num_parameters)
         self.params = slice_views(self.params_memory, shapes)
         # gradients and AdamW moments are allocated on first use (eval and sampling need none)
         self.grads_memory = self.m_memory = self.v_memory = None
@@ -675,7 +686,7 @@ def ensure_activations(model, B, T):
     if (model.B, model.T) == (B, T):
         return
     shapes = activation_shapes(cfg, B, T)
-    model.acts_memory = np.zeros(buffer_size(shapes), dtype=np.float32)
+    model.acts_memory = zeros_f32(buffer_size(shapes))
     model.acts = slice_views(model.acts_memory, shapes)
     model.dacts = None
     model.B, model.T = B, T
@@ -685,10 +696,10 @@ def ensure_optimizer_buffers(model):
     """Gradients and AdamW moments, allocated once (eval and sampling need none)."""
     if model.grads_memory is None:
         n = model.num_parameters
-        model.grads_memory = np.zeros(n, dtype=np.float32)
+        model.grads_memory = zeros_f32(n)
         model.grads = slice_views(model.grads_memory, parameter_shapes(model.cfg))
-        model.m_memory = np.zeros(n, dtype=np.float32)
-        model.v_memory = np.zeros(n, dtype=np.float32)
+        model.m_memory = zeros_f32(n)
+        model.v_memory = zeros_f32(n)
 
 
 def ensure_training_buffers(model):
@@ -696,7 +707,7 @@ def ensure_training_buffers(model):
     ensure_optimizer_buffers(model)
     if model.dacts is None:
         shapes = activation_grad_shapes(model.cfg, model.B, model.T)
-        model.dacts_memory = np.zeros(buffer_size(shapes), dtype=np.float32)
+        model.dacts_memory = zeros_f32(buffer_size(shapes))
         model.dacts = slice_views(model.dacts_memory, shapes)
 
 
@@ -1527,7 +1538,7 @@ def main(argv=None):
             return gcu.mean_loss_cuda(dm)
         train_forward = forward
         backward = lambda accumulate, scale: gcu.gpt2_backward_cuda(dm, accumulate, scale)  # noqa: E731
-        update = lambda *a: gcu.gpt2_update_cuda(dm, *a)  # noqa: E731
+        update = lambda *a: gcu.read_norm(gcu.gpt2_update_cuda(dm, *a))  # noqa: E731
 
         def sync_to_host():
             gcu.params_to_host(dm, model)
@@ -1563,7 +1574,7 @@ def main(argv=None):
             raise UserError(f"--resume: the checkpoint was trained with B={extra.get('B')} T={extra.get('T')} "
                             f"accumulation={extra.get('accum_steps')}; pass the same -b, -t, -d")
     if args.device == "cuda":
-        peak = (args.peak_tflops or gcu.datasheet_peak_tflops(bool(args.tf32))) * 1e12
+        peak = (args.peak_tflops or gcu.datasheet_peak_tflops(bool(args.tf32))) * 1e12 or float("nan")
     else:
         peak = args.peak_tflops * 1e12 or measure_cpu_peak_flops()
     flops_per_step = flops_per_token(cfg, T) * tokens_per_step

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
+# From the repository root:   bash dev/gpu_check.sh [all|check|parity|train|bench]
+#   check: every kernel vs its CPU twin (tiny shapes), then strict-fp32 and TF32 parity
+#          of the CUDA step vs the CPU step on a tiny config and on GPT-2 124M (B=4, T=64)
+#   parity: PyTorch references (tiny, and GPT-2 124M on the first val batch), then
+#          python test_gpt2.py --device cuda on each, strict fp32
+#   train: python train_gpt2.py --device cuda, GPT-2 124M from scratch at B=16, T=1024
+#   bench: train GPT-2 124M at B=16, T=1024 (loss must fall), tokens/s in strict fp32 and
+#          TF32, ours vs PyTorch eager measured in the same run, device memory
+# Needs: numba-cuda, CuPy, PyTorch (bench only). Wheels in .whl/ (e.g. numpy<2.5, which
+# numba-cuda 0.30 needs) are installed into /tmp/site first. Token files are read from
+# .device_data/ when present (tinyshakespeare), else random tokens are used.
+# Logs and JSON results go to $OUT (default /tmp/gpu_check); a summary table is printed last.
+set -u
+what=${1:-all}
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+TRAIN=.device_data/tiny_shakespeare_train.bin
+VAL=.device_data/tiny_shakespeare_val.bin
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
+python3 -c "import sys, numpy, numba, cupy; from numba import cuda; print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__, 'cupy', cupy.__version__, 'gpu', cuda.get_current_device().name)"
+
+status=0
+step() {
+    echo "### $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v ' OK$'   # the full log keeps the OK lines
+    local s=${PIPESTATUS[0]}
+    echo "### done in $((SECONDS - t0)) s, exit $s: $*"
+    [ "$s" -ne 0 ] && status=1
+    return 0
+}
+
+if [ "$what" = all ] || [ "$what" = check ]; then
+    step python3 dev/cuda_check.py kernels
+    step python3 dev/cuda_check.py parity --depth 0 --B 2 --T 8 --tf32 0,1 --json "$OUT/parity_tiny.json"
+    step python3 dev/cuda_check.py parity --depth 12 --B 4 --T 64 --tf32 0,1 --tokens "$VAL" --json "$OUT/parity_d12.json"
+fi
+if [ "$what" = all ] || [ "$what" = parity ]; then
+    mkdir -p data
+    step python3 dev/torch_reference.py --layers 2 --heads 2 --channels 32 --vocab-size 64 --padded-vocab-size 128 \
+        --max-seq-len 16 --B 2 --T 8 --out-checkpoint data/tiny.bin --out-state data/tiny_debug_state.bin
+    step python3 test_gpt2.py --device cuda --checkpoint data/tiny.bin --state data/tiny_debug_state.bin
+    step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
+    step python3 test_gpt2.py --device cuda
+fi
+if [ "$what" = all ] || [ "$what" = train ]; then
+    step python3 train_gpt2.py --device cuda -i "$TRAIN" -j "$VAL" --tokenizer .device_data/gpt2_tokenizer.bin \
+        -b 16 -t 1024 -x 30 -v 10 -m 4 -s 15 -g 48 -l 6e-4 -u 10 --lr-schedule cosine -q 0.1
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+    # VARIANTS_*: other causal query-block counts ("NB", or "NB:plain" for the softmax kernels
+    # without shared memory), timed after the main run; PROFILE=1: per-kernel device times
+    step python3 dev/cuda_check.py bench --tf32 0 --steps 10 --tokens "$TRAIN" --variants "${VARIANTS_FP32:-}" \
+        ${PROFILE:+--profile} --json "$OUT/bench_ours_fp32.json"
+    step python3 dev/cuda_check.py bench --tf32 1 --steps 20 --tokens "$TRAIN" --variants "${VARIANTS_TF32:-}" \
+        ${PROFILE:+--profile} --json "$OUT/bench_ours_tf32.json"
+    step python3 dev/cuda_check.py bench-torch --steps 10 --tokens "$TRAIN" --json "$OUT/bench_torch.json"
+fi
+python3 dev/cuda_check.py table "$OUT"
+echo "gpu_check: $([ $status -eq 0 ] && echo ALL OK || echo SOME STEPS FAILED)"
+exit $status

@@ -1,0 +1,62 @@
+"""train_gpt2_cuda.py under numba's CUDA simulator (no GPU needed).
+
+The simulator must be switched on before numba is imported, so each check runs
+dev/cuda_check.py in a subprocess with NUMBA_ENABLE_CUDASIM=1; the CPU tests in the same
+pytest session keep the real Numba CPU JIT. Tiny shapes (L=2, NH=2, C=32, V=60, Vp=128,
+maxT=16, B=2, T=8; kernels alone on ragged N=18, C=40): every kernel against its CPU twin in
+train_gpt2 (encoder+layernorm, residual+bias+layernorm, bias, bias+GELU, causal softmax and
+attention forward/backward for several query-block counts and both batched-GEMM paths,
+fused classifier forward/backward with masked targets, loss statistics, layernorm backward,
+bias and GELU backward, the deterministic encoder backward, global norm + clipping, AdamW in
+both decay modes), the cuBLAS call plumbing through its column-major numpy emulation (every
+transpose combination, strided sub-matrices, bounds-checked), full forward/backward/update
+steps of both paths (with an accumulating micro-step and a loss scale), the API's errors and
+the optimizer-state round trip. The same script checks a real GPU (dev/gpu_check.sh).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECK = REPO_ROOT / "dev" / "cuda_check.py"
+
+
+def _simulator_available():
+    try:
+        import numba  # noqa: F401
+        from numba.cuda import simulator  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _simulator_available(), reason="numba's CUDA simulator is not available")
+
+
+def run_sim(*args, timeout=600):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
+    env.pop("NUMBA_DISABLE_JIT", None)
+    proc = subprocess.run([sys.executable, str(CHECK), *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    failed = [line for line in out.splitlines() if line.startswith("CHECK") and not line.endswith(" OK")]
+    assert proc.returncode == 0 and "RESULT OK" in out and not failed, \
+        "\n".join(failed) or out[-4000:]
+    return out
+
+
+def test_kernels_and_steps_match_cpu():
+    out = run_sim("kernels", "--steps", "2", "--attention-blocks", "1,3")
+    assert "simulator=True" in out
+    checks = [line for line in out.splitlines() if line.startswith("CHECK")]
+    assert len(checks) >= 120, f"only {len(checks)} checks ran"
+    for name in ("encoder+layernorm ln", "residual+layernorm ln", "bias+gelu_forward gelu",
+                 "attention_forward att nb=3", "attention_backward dk nb=3 strided", "crossentropy_backward",
+                 "layernorm_backward dw acc", "gelu_backward + fc bias", "encoder_backward dwte acc",
+                 "gemm tA=1 tB=1", "adamw params all", "s1 grad wte (acc)", "s1 params", "API semantics"):
+        assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
+

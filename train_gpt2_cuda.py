@@ -1,0 +1,1574 @@
+"""
+GPT-2 training on an NVIDIA GPU: the CUDA twin of train_gpt2.py (as llm.c has
+train_gpt2.c and train_gpt2.cu).
+
+The device buffers have exactly the CPU module's layout: one float32 buffer of
+parameters (llm.c checkpoint order), gradients, AdamW m and v of the same layout,
+one activation buffer sliced by `cpu.activation_shapes`, one backward-scratch buffer
+sliced by `cpu.activation_grad_shapes` (plus the attention scratch). A host copy of
+any of them is one memcpy. Every non-matmul layer is a numba.cuda kernel computing
+the same math as its CPU twin; the matmuls go through cuBLAS (CuPy's raw bindings),
+TF32 tensor cores or strict fp32 by the handle's math mode.
+
+Attention never permutes q, k, v (attention="pointers", the default): pointer-array
+batched GEMMs (one matrix per (batch, head)) read them in place from the qkv rows and
+write the head outputs in place into atty / dqkv. attention="strided" is llm.c's way
+(head-major copies, strided batched GEMMs); on an H100 it measured slower (110 vs 100
+ms per step at B=16, T=1024, TF32): cuBLAS picks the same kernels, and the copies cost.
+The causal mask is exploited by splitting the T query rows into blocks: block i only
+multiplies against keys 0..end_i, so about (NB+1)/(2 NB) of the T x T work and traffic
+is done. Entries above the diagonal of `att` stay zero.
+
+Everything is allocated once in `to_device`; a training step does two small async
+host-to-device copies from a pinned staging buffer (tokens and targets in the forward;
+the encoder-backward buckets, built on the host while the device runs the forward, in
+the backward) and no device allocation. The only device-to-host reads are the ones the
+caller asks for (`mean_loss_cuda`, `read_norm`, the *_to_host functions).
+
+With NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's simulator and cuBLAS is
+replaced by a numpy emulation of the same column-major calls (pointers, leading
+dimensions, transposes, bounds-checked), so the tests cover the GEMM plumbing too.
+"""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, float64
+
+import train_gpt2 as cpu
+
+SIM = bool(numba_config.ENABLE_CUDASIM)
+try:  # tiny test grids would warn about occupancy
+    numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
+except Exception:  # pragma: no cover
+    pass
+
+JIT = {} if SIM else {"cache": True}
+
+# launch shapes (the simulator runs one Python thread per GPU thread: keep it small there;
+# its "warps" are LANES threads wide and reduce through shared memory)
+LANES = 4 if SIM else 32               # threads per row in the warp-per-row kernels
+ROWS = 2 if SIM else 8                 # rows per block there (block = LANES x ROWS)
+CE_THREADS = 16 if SIM else 512        # classifier: one block per row
+RED_THREADS = 16 if SIM else 256       # single-block reductions, grad norm blocks
+RED_N = 1024 if SIM else 32            # shared scratch of the block reductions
+ELT_THREADS = 32 if SIM else 256       # elementwise grid-stride kernels
+ELT_MAX_BLOCKS = 2 if SIM else 132 * 16
+NORM_BLOCKS = 3 if SIM else 132 * 8
+CS_COLS = 8 if SIM else 32             # column-sum kernels: block = CS_COLS columns x CS_ROWS
+CS_ROWS = 2 if SIM else 8
+CS_CHUNK = 8 if SIM else 512           # rows per column-sum block (partials per chunk, then a fixed-order sum)
+ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
+TMAX = 64 if SIM else 1024             # longest attention row the shared-memory softmax kernels stage
+SM_ROWS_FWD = 2 if SIM else 8          # their rows per block (shared: rows x TMAX floats, 1 or 2 arrays)
+SM_ROWS_BWD = 2 if SIM else 4
+SOFTMAX_SHARED = False                 # True: rows staged in shared memory (measured no faster on an H100)
+
+F0 = np.float32(0.0)
+ONE = np.float32(1.0)
+HALF = np.float32(0.5)
+THREE = np.float32(3.0)
+NEG_INF = np.float32(-np.inf)
+EPS64 = float(np.float32(1e-5))        # the CPU adds float32(1e-5) to a float64 variance
+GELU_SCALE = cpu.GELU_SCALE
+GELU_CUBE = cpu.GELU_CUBE
+FULL_MASK = 0xFFFFFFFF
+
+CUBLAS_DEFAULT_MATH = 0
+CUBLAS_TF32_TENSOR_OP_MATH = 3
+
+
+# -----------------------------------------------------------------------------
+# Reductions. On the GPU: warp shuffles. The simulator has no shuffles, so there
+# the same functions go through shared memory; both orders are fixed (deterministic).
+
+if SIM:
+    @cuda.jit(device=True)
+    def warp_sum(x, sh, row):
+        # sum over the LANES threads (threadIdx.x) of block row `row`; sh: shared (ROWS, LANES)
+        lane = cuda.threadIdx.x
+        sh[row, lane] = x
+        cuda.syncthreads()
+        s = sh[row, 0]
+        for i in range(1, LANES):
+            s += sh[row, i]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def warp_max(x, sh, row):
+        lane = cuda.threadIdx.x
+        sh[row, lane] = x
+        cuda.syncthreads()
+        s = sh[row, 0]
+        for i in range(1, LANES):
+            if sh[row, i] > s:
+                s = sh[row, i]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def block_sum(x, sh):
+        # sum over a 1-D block; sh: shared (RED_N,)
+        tid = cuda.threadIdx.x
+        sh[tid] = x
+        cuda.syncthreads()
+        s = sh[0]
+        for i in range(1, cuda.blockDim.x):
+            s += sh[i]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def block_max(x, sh):
+        tid = cuda.threadIdx.x
+        sh[tid] = x
+        cuda.syncthreads()
+        s = sh[0]
+        for i in range(1, cuda.blockDim.x):
+            if sh[i] > s:
+                s = sh[i]
+        cuda.syncthreads()
+        return s
+else:
+    @cuda.jit(device=True)
+    def _shfl_sum(x):
+        x += cuda.shfl_xor_sync(FULL_MASK, x, 16)
+        x += cuda.shfl_xor_sync(FULL_MASK, x, 8)
+        x += cuda.shfl_xor_sync(FULL_MASK, x, 4)
+        x += cuda.shfl_xor_sync(FULL_MASK, x, 2)
+        x += cuda.shfl_xor_sync(FULL_MASK, x, 1)
+        return x
+
+    @cuda.jit(device=True)
+    def _shfl_max(x):
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 16))
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 8))
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 4))
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 2))
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 1))
+        return x
+
+    @cuda.jit(device=True)
+    def warp_sum(x, sh, row):
+        return _shfl_sum(x)
+
+    @cuda.jit(device=True)
+    def warp_max(x, sh, row):
+        return _shfl_max(x)
+
+    @cuda.jit(device=True)
+    def block_sum(x, sh):
+        tid = cuda.threadIdx.x
+        x = _shfl_sum(x)
+        if tid % 32 == 0:
+            sh[tid // 32] = x
+        cuda.syncthreads()
+        s = sh[0]
+        for w in range(1, cuda.blockDim.x // 32):
+            s += sh[w]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def block_max(x, sh):
+        tid = cuda.threadIdx.x
+        x = _shfl_max(x)
+        if tid % 32 == 0:
+            sh[tid // 32] = x
+        cuda.syncthreads()
+        s = sh[0]
+        for w in range(1, cuda.blockDim.x // 32):
+            s = max(s, sh[w])
+        cuda.syncthreads()
+        return s
+
+
+# -----------------------------------------------------------------------------
+# Kernels, forward
+
+
+@cuda.jit(**JIT)
+def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
+    # encoded[i] = wte[token] + wpe[i % T], then ln = layernorm(encoded): one warp per row.
+    # Like the CPU (whose Numba sums unify to float64), the statistics are float64.
+    sh = cuda.shared.array((ROWS, LANES), float64)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * ROWS + ty
+    N, C = encoded.shape
+    ncols = C if i < N else 0
+    ii = i if i < N else 0
+    tok = tokens[ii]
+    t = ii % T
+    s = 0.0
+    for c in range(lane, ncols, LANES):
+        x = wte[tok, c] + wpe[t, c]
+        encoded[ii, c] = x
+        s += x
+    m = warp_sum(s, sh, ty) / C
+    v = 0.0
+    for c in range(lane, ncols, LANES):
+        d = encoded[ii, c] - m
+        v += d * d
+    v = warp_sum(v, sh, ty) / C
+    rs = 1.0 / math.sqrt(v + EPS64)
+    for c in range(lane, ncols, LANES):
+        ln[ii, c] = (encoded[ii, c] - m) * rs * w[c] + b[c]
+    if lane == 0 and i < N:
+        mean[ii] = m
+        rstd[ii] = rs
+
+
+@cuda.jit(**JIT)
+def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
+    # mode 1: res = (res + bias) + prev (matmul output + bias + residual, in place), then
+    # ln = layernorm(res). mode 0: ln = layernorm(res) (prev and bias unused).
+    sh = cuda.shared.array((ROWS, LANES), float64)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * ROWS + ty
+    N, C = res.shape
+    ncols = C if i < N else 0
+    ii = i if i < N else 0
+    s = 0.0
+    for c in range(lane, ncols, LANES):
+        x = res[ii, c]
+        if mode == 1:
+            x = (x + bias[c]) + prev[ii, c]
+            res[ii, c] = x
+        s += x
+    m = warp_sum(s, sh, ty) / C
+    v = 0.0
+    for c in range(lane, ncols, LANES):
+        d = res[ii, c] - m
+        v += d * d
+    v = warp_sum(v, sh, ty) / C
+    rs = 1.0 / math.sqrt(v + EPS64)
+    for c in range(lane, ncols, LANES):
+        ln[ii, c] = (res[ii, c] - m) * rs * w[c] + b[c]
+    if lane == 0 and i < N:
+        mean[ii] = m
+        rstd[ii] = rs
+
+
+@cuda.jit(**JIT)
+def k_bias_forward(out, bias):
+    # out[i, o] += bias[o]; grid: (column blocks, row blocks), rows strided
+    N, OC = out.shape
+    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if o < OC:
+        bo = bias[o]
+        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
+            out[i, o] += bo
+
+
+@cuda.jit(**JIT)
+def k_bias_gelu_forward(fch, fch_gelu, bias):
+    # fch += bias; fch_gelu = gelu(fch) (tanh form), one pass
+    N, OC = fch.shape
+    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if o < OC:
+        bo = bias[o]
+        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
+            x = fch[i, o] + bo
+            fch[i, o] = x
+            u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+            fch_gelu[i, o] = HALF * x * (ONE + math.tanh(u))
+
+
+@cuda.jit(**JIT)
+def k_softmax_forward(att, Tb):
+    # att (B*NH, T, T) holds scale * q.k for t2 < end of the row's query block; in place:
+    # causal softmax over t2 <= t, zeros for t < t2 < block end. One warp per row, each
+    # lane four elements per iteration (loads in flight).
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = att.shape
+    r = cuda.blockIdx.x * ROWS + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    m = NEG_INF
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        x0 = att[bh, t, j0]
+        x1 = att[bh, t, j1] if j1 < n else NEG_INF
+        x2 = att[bh, t, j2] if j2 < n else NEG_INF
+        x3 = att[bh, t, j3] if j3 < n else NEG_INF
+        m = max(m, max(max(x0, x1), max(x2, x3)))
+    m = warp_max(m, sh, ty)
+    s = F0
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        e0 = math.exp(att[bh, t, j0] - m)
+        e1 = math.exp(att[bh, t, j1] - m) if j1 < n else F0
+        e2 = math.exp(att[bh, t, j2] - m) if j2 < n else F0
+        e3 = math.exp(att[bh, t, j3] - m) if j3 < n else F0
+        s += (e0 + e1) + (e2 + e3)
+    s = warp_sum(s, sh, ty)
+    inv = ONE / s
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        x0 = att[bh, t, j0]
+        x1 = att[bh, t, j1] if j1 < n else F0
+        x2 = att[bh, t, j2] if j2 < n else F0
+        x3 = att[bh, t, j3] if j3 < n else F0
+        att[bh, t, j0] = math.exp(x0 - m) * inv
+        if j1 < n:
+            att[bh, t, j1] = math.exp(x1 - m) * inv
+        if j2 < n:
+            att[bh, t, j2] = math.exp(x2 - m) * inv
+        if j3 < n:
+            att[bh, t, j3] = math.exp(x3 - m) * inv
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        att[bh, t, t2] = F0
+
+
+@cuda.jit(**JIT)
+def k_softmax_forward_shared(att, Tb):
+    # k_softmax_forward with the row staged in shared memory: one read and one write of
+    # each score in device memory (T <= TMAX)
+    sh = cuda.shared.array((SM_ROWS_FWD, LANES), float32)
+    buf = cuda.shared.array((SM_ROWS_FWD, TMAX), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = att.shape
+    r = cuda.blockIdx.x * SM_ROWS_FWD + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    m = NEG_INF
+    for t2 in range(lane, n, LANES):
+        x = att[bh, t, t2]
+        buf[ty, t2] = x
+        if x > m:
+            m = x
+    m = warp_max(m, sh, ty)
+    s = F0
+    for t2 in range(lane, n, LANES):
+        e = math.exp(buf[ty, t2] - m)
+        buf[ty, t2] = e
+        s += e
+    s = warp_sum(s, sh, ty)
+    inv = ONE / s
+    for t2 in range(lane, n, LANES):
+        att[bh, t, t2] = buf[ty, t2] * inv
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        att[bh, t, t2] = F0
+
+
+@cuda.jit(**JIT)
+def k_softmax_backward_shared(datt, att, Tb, scale):
+    # k_softmax_backward with both rows staged in shared memory (T <= TMAX)
+    sh = cuda.shared.array((SM_ROWS_BWD, LANES), float32)
+    abuf = cuda.shared.array((SM_ROWS_BWD, TMAX), float32)
+    dbuf = cuda.shared.array((SM_ROWS_BWD, TMAX), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = datt.shape
+    r = cuda.blockIdx.x * SM_ROWS_BWD + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    dot = F0
+    for t2 in range(lane, n, LANES):
+        a = att[bh, t, t2]
+        d = datt[bh, t, t2]
+        abuf[ty, t2] = a
+        dbuf[ty, t2] = d
+        dot += a * d
+    dot = warp_sum(dot, sh, ty)
+    for t2 in range(lane, n, LANES):
+        datt[bh, t, t2] = abuf[ty, t2] * (dbuf[ty, t2] - dot) * scale
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        datt[bh, t, t2] = F0
+
+
+@cuda.jit(**JIT)
+def k_classifier_forward(losses, lse, logits, targets, V):
+    # one block per row: online max / sum of exp over the first V columns (one read),
+    # logsumexp kept for the backward; a target of -1 gives loss 0
+    sh = cuda.shared.array(RED_N, float32)
+    row = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    m = NEG_INF
+    s = F0
+    for j in range(tid, V, nt):
+        x = logits[row, j]
+        if x > m:
+            s = s * math.exp(m - x) + ONE
+            m = x
+        else:
+            s += math.exp(x - m)
+    M = block_max(m, sh)
+    s = s * math.exp(m - M) if s > F0 else F0
+    S = block_sum(s, sh)
+    if tid == 0:
+        lv = M + math.log(S)
+        lse[row] = lv
+        tg = targets[row]
+        losses[row] = lv - logits[row, tg] if tg >= 0 else F0
+
+
+@cuda.jit(**JIT)
+def k_loss_reduce(stats, losses, targets):
+    # one block: stats = [sum of losses (float64), number of unmasked targets]
+    sh = cuda.shared.array(RED_N, float64)
+    tid = cuda.threadIdx.x
+    s = 0.0
+    cnt = 0.0
+    for i in range(tid, losses.shape[0], cuda.blockDim.x):
+        s += losses[i]
+        if targets[i] >= 0:
+            cnt += 1.0
+    s = block_sum(s, sh)
+    cnt = block_sum(cnt, sh)
+    if tid == 0:
+        stats[0] = s
+        stats[1] = cnt
+
+
+@cuda.jit(**JIT)
+def k_qkv_bias_permute(qkv, bias, qkvp, T, NH):
+    # qkv[b*T + t] += bias (in place, the CPU's activation), and the heads copied out to
+    # qkvp[which, b*NH + h, t, :] (which: q, k, v) for the strided batched GEMMs.
+    # Grid: (column blocks, T, B): no integer division per element.
+    C3 = qkv.shape[1]
+    C = C3 // 3
+    hs = C // NH
+    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    t = cuda.blockIdx.y
+    b = cuda.blockIdx.z
+    if o < C3:
+        which = o // C
+        rem = o - which * C
+        h = rem // hs
+        d = rem - h * hs
+        i = b * T + t
+        x = qkv[i, o] + bias[o]
+        qkv[i, o] = x
+        qkvp[which, b * NH + h, t, d] = x
+
+
+@cuda.jit(**JIT)
+def k_heads_merge(out, heads, T, NH):
+    # out[b*T + t, which*C + h*hs + d] = heads[which, b*NH + h, t, d]; grid (column blocks, T, B)
+    C = out.shape[1] // heads.shape[0]
+    hs = C // NH
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    t = cuda.blockIdx.y
+    b = cuda.blockIdx.z
+    if c < out.shape[1]:
+        w = c // C
+        rem = c - w * C
+        h = rem // hs
+        d = rem - h * hs
+        out[b * T + t, c] = heads[w, b * NH + h, t, d]
+
+
+@cuda.jit(**JIT)
+def k_heads_split(heads, inp, T, NH):
+    # heads[0, b*NH + h, t, d] = inp[b*T + t, h*hs + d]; grid (column blocks, T, B)
+    C = inp.shape[1]
+    hs = C // NH
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    t = cuda.blockIdx.y
+    b = cuda.blockIdx.z
+    if c < C:
+        h = c // hs
+        d = c - h * hs
+        heads[0, b * NH + h, t, d] = inp[b * T + t, c]
+
+
+# -----------------------------------------------------------------------------
+# Kernels, backward
+
+
+@cuda.jit(**JIT)
+def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
+    # in place: logits become dlogits = (softmax - onehot) * dloss, dloss = loss_scale / #valid;
+    # padding columns and masked rows get zero. One pass over each row.
+    row = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    Vp = logits.shape[1]
+    cnt = stats[1]
+    dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
+    tg = targets[row]
+    lv = lse[row]
+    for j in range(tid, Vp, cuda.blockDim.x):
+        if tg < 0 or j >= V:
+            logits[row, j] = F0
+        else:
+            g = math.exp(logits[row, j] - lv) * dloss
+            if j == tg:
+                g -= dloss
+            logits[row, j] = g
+
+
+@cuda.jit(**JIT)
+def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
+    # dinp (+)= layernorm input gradient; one warp per row, float64 row sums as the CPU
+    sh = cuda.shared.array((ROWS, LANES), float64)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * ROWS + ty
+    N, C = inp.shape
+    ncols = C if i < N else 0
+    ii = i if i < N else 0
+    m = mean[ii]
+    s = rstd[ii]
+    a = 0.0
+    bb = 0.0
+    for c in range(lane, ncols, LANES):
+        norm = (inp[ii, c] - m) * s
+        dn = w[c] * dout[ii, c]
+        a += dn
+        bb += dn * norm
+    a = warp_sum(a, sh, ty) / C
+    bb = warp_sum(bb, sh, ty) / C
+    for c in range(lane, ncols, LANES):
+        norm = (inp[ii, c] - m) * s
+        dn = w[c] * dout[ii, c]
+        val = (dn - a - norm * bb) * s
+        if overwrite:
+            dinp[ii, c] = val
+        else:
+            dinp[ii, c] += val
+
+
+@cuda.jit(**JIT)
+def k_colsum_partial(part, dout, aux, mean, rstd, mode, chunk):
+    # Column sums over a chunk of rows, written to part[0 / 1, chunk, column]: the bias
+    # gradient (mode 0); also the layernorm weight gradient sum((aux - mean) * rstd * dout)
+    # (mode 1); or first the GELU backward in place, dout = gelu'(aux) * dout (mode 2).
+    # Block: CS_COLS columns x CS_ROWS; a fixed-order sum, no atomics.
+    sh1 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
+    sh2 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    N, OC = dout.shape
+    c = cuda.blockIdx.x * CS_COLS + tx
+    r0 = cuda.blockIdx.y * chunk
+    r1 = min(N, r0 + chunk)
+    a1 = F0
+    a2 = F0
+    if c < OC:
+        for i in range(r0 + ty, r1, CS_ROWS):
+            d = dout[i, c]
+            if mode == 2:
+                x = aux[i, c]
+                u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+                th = math.tanh(u)
+                sech2 = ONE - th * th
+                local = HALF * (ONE + th) + HALF * x * sech2 * GELU_SCALE * (ONE + THREE * GELU_CUBE * x * x)
+                d = local * d
+                dout[i, c] = d
+            elif mode == 1:
+                a2 += (aux[i, c] - mean[i]) * rstd[i] * d
+            a1 += d
+    sh1[ty, tx] = a1
+    sh2[ty, tx] = a2
+    cuda.syncthreads()
+    if ty == 0 and c < OC:
+        t1 = sh1[0, tx]
+        t2 = sh2[0, tx]
+        for k in range(1, CS_ROWS):
+            t1 += sh1[k, tx]
+            t2 += sh2[k, tx]
+        part[0, cuda.blockIdx.y, c] = t1
+        if mode == 1:
+            part[1, cuda.blockIdx.y, c] = t2
+
+
+@cuda.jit(**JIT)
+def k_colsum_finalize(out1, out2, part, nchunks, accumulate, two):
+    # out1 (+)= sum over chunks of part[0]; with two, out2 (+)= sum of part[1]
+    c = cuda.grid(1)
+    if c < out1.shape[0]:
+        s = part[0, 0, c]
+        for k in range(1, nchunks):
+            s += part[0, k, c]
+        out1[c] = out1[c] + s if accumulate else s
+        if two:
+            s2 = part[1, 0, c]
+            for k in range(1, nchunks):
+                s2 += part[1, k, c]
+            out2[c] = out2[c] + s2 if accumulate else s2
+
+
+@cuda.jit(**JIT)
+def k_softmax_backward(datt, att, Tb, scale):
+    # in place: datt becomes d(scores) = att * (datt - sum(att * datt)) * scale over
+    # t2 <= t; zeros for t < t2 < block end. One warp per row. (Unrolling this one four
+    # ways, as the forward, measured slower on an H100: 8.3 ms vs 6.5 ms per step.)
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = datt.shape
+    r = cuda.blockIdx.x * ROWS + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    dot = F0
+    for t2 in range(lane, n, LANES):
+        dot += att[bh, t, t2] * datt[bh, t, t2]
+    dot = warp_sum(dot, sh, ty)
+    for t2 in range(lane, n, LANES):
+        datt[bh, t, t2] = att[bh, t, t2] * (datt[bh, t, t2] - dot) * scale
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        datt[bh, t, t2] = F0
+
+
+@cuda.jit(**JIT)
+def k_encoder_backward_wpe(dwpe, dout, B, T, accumulate):
+    # dwpe[t] (+)= sum over b of dout[b*T + t], in the CPU's order; rows >= T zeroed
+    # when not accumulating (as the CPU). One thread per (t, c): deterministic.
+    maxT, C = dwpe.shape
+    for idx in range(cuda.grid(1), maxT * C, cuda.gridsize(1)):
+        t = idx // C
+        c = idx - t * C
+        if t < T:
+            s = dwpe[t, c] if accumulate else F0
+            for b in range(B):
+                s += dout[b * T + t, c]
+            dwpe[t, c] = s
+        elif not accumulate:
+            dwpe[t, c] = F0
+
+
+@cuda.jit(**JIT)
+def k_encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets):
+    # dwte[token] += dout[bt] for every position bt holding token: one block per distinct
+    # token (buckets built on the host, positions in increasing order, as the CPU walks
+    # them), so each row of dwte has one owner: deterministic, no atomics.
+    k = cuda.blockIdx.x
+    if k < num_buckets[0]:
+        tok = bucket_token[k]
+        p0 = bucket_start[k]
+        p1 = bucket_start[k + 1]
+        C = dwte.shape[1]
+        for c in range(cuda.threadIdx.x, C, cuda.blockDim.x):
+            # four independent sums (loads in flight for frequent tokens), fixed order
+            s0 = dwte[tok, c]
+            s1 = F0
+            s2 = F0
+            s3 = F0
+            p = p0
+            while p + 4 <= p1:
+                s0 += dout[positions[p], c]
+                s1 += dout[positions[p + 1], c]
+                s2 += dout[positions[p + 2], c]
+                s3 += dout[positions[p + 3], c]
+                p += 4
+            while p < p1:
+                s0 += dout[positions[p], c]
+                p += 1
+            dwte[tok, c] = s0 + ((s1 + s2) + s3)
+
+
+# -----------------------------------------------------------------------------
+# Kernels, update
+
+
+@cuda.jit(**JIT)
+def k_sumsq_partial(part, g):
+    # stage 1 of the global norm: float64 sum of squares per block
+    sh = cuda.shared.array(RED_N, float64)
+    s = 0.0
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+        x = float64(g[i])
+        s += x * x
+    s = block_sum(s, sh)
+    if cuda.threadIdx.x == 0:
+        part[cuda.blockIdx.x] = s
+
+
+@cuda.jit(**JIT)
+def k_norm_finalize(normbuf, part, grad_clip):
+    # stage 2 (one block, fixed order): normbuf = [norm, clip scale]; torch's rule:
+    # scale = clip / (norm + 1e-6) when norm > clip
+    sh = cuda.shared.array(RED_N, float64)
+    s = 0.0
+    for i in range(cuda.threadIdx.x, part.shape[0], cuda.blockDim.x):
+        s += part[i]
+    s = block_sum(s, sh)
+    if cuda.threadIdx.x == 0:
+        norm = math.sqrt(s)
+        normbuf[0] = norm
+        normbuf[1] = grad_clip / (norm + 1e-6) if grad_clip > 0.0 and norm > grad_clip else 1.0
+
+
+@cuda.jit(**JIT)
+def k_adamw(params, grads, m, v, normbuf, lr, beta1, beta2, eps, bc1, bc2, group_end, group_decay):
+    # cpu.adamw_update, elementwise, with the clip scale read on the device; the weight
+    # decay of element i is that of the first group whose end is > i
+    scale = float32(normbuf[1])
+    for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
+        k = 0
+        while i >= group_end[k]:
+            k += 1
+        wd = group_decay[k]
+        g = grads[i] * scale
+        mi = beta1 * m[i] + (ONE - beta1) * g
+        vi = beta2 * v[i] + (ONE - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        m_hat = mi / bc1
+        v_hat = vi / bc2
+        params[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + wd * params[i])
+
+
+@cuda.jit(**JIT)
+def k_fill(x, value):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        x[i] = value
+
+
+# -----------------------------------------------------------------------------
+# Launch helpers (configured kernels are cached: no per-call configuration objects)
+
+_configured = {}
+
+
+def _launch(kernel, grid, block):
+    if SIM:  # the simulator's kernel[...] configures the kernel object itself: no caching
+        return kernel[grid, block]
+    key = (kernel, grid, block)
+    cfg = _configured.get(key)
+    if cfg is None:
+        cfg = _configured[key] = kernel[grid, block]
+    return cfg
+
+
+def _elt_grid(n):
+    return min(ELT_MAX_BLOCKS, max(1, (n + ELT_THREADS - 1) // ELT_THREADS))
+
+
+def fill(x, value=0.0):
+    flat = x.reshape(x.size) if x.ndim != 1 else x
+    _launch(k_fill, _elt_grid(flat.size), ELT_THREADS)(flat, np.float32(value))
+
+
+def encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
+    N = encoded.shape[0]
+    _launch(k_encoder_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T)
+
+
+def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
+    """res = (res + bias) + prev in place, then ln = layernorm(res); with prev None,
+    ln = layernorm(res) only."""
+    N = res.shape[0]
+    mode = 0 if prev is None else 1
+    prev = res if prev is None else prev
+    bias = w if bias is None else bias
+    _launch(k_residual_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(res, prev, bias, ln, mean, rstd, w, b, mode)
+
+
+def _rows_grid(N, OC, rows_per_block=4):
+    return ((OC + ELT_THREADS - 1) // ELT_THREADS, max(1, min(65535, (N + rows_per_block - 1) // rows_per_block)))
+
+
+def bias_forward(out, bias):
+    _launch(k_bias_forward, _rows_grid(*out.shape), ELT_THREADS)(out, bias)
+
+
+def bias_gelu_forward(fch, fch_gelu, bias):
+    _launch(k_bias_gelu_forward, _rows_grid(*fch.shape), ELT_THREADS)(fch, fch_gelu, bias)
+
+
+def _heads_grid(ncols, T, B):
+    return ((ncols + ELT_THREADS - 1) // ELT_THREADS, T, B)
+
+
+def qkv_bias_permute(qkv, bias, qkvp, B, T, NH):
+    _launch(k_qkv_bias_permute, _heads_grid(qkv.shape[1], T, B), ELT_THREADS)(qkv, bias, qkvp, T, NH)
+
+
+def heads_merge(out, heads, B, T, NH):
+    _launch(k_heads_merge, _heads_grid(out.shape[1], T, B), ELT_THREADS)(out, heads, T, NH)
+
+
+def heads_split(heads, inp, B, T, NH):
+    _launch(k_heads_split, _heads_grid(inp.shape[1], T, B), ELT_THREADS)(heads, inp, T, NH)
+
+
+def softmax_forward(att3, Tb):
+    rows = att3.shape[0] * att3.shape[1]
+    if SOFTMAX_SHARED and att3.shape[1] <= TMAX:
+        _launch(k_softmax_forward_shared, (rows + SM_ROWS_FWD - 1) // SM_ROWS_FWD, (LANES, SM_ROWS_FWD))(att3, Tb)
+    else:
+        _launch(k_softmax_forward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(att3, Tb)
+
+
+def softmax_backward(datt3, att3, Tb, scale):
+    rows = att3.shape[0] * att3.shape[1]
+    if SOFTMAX_SHARED and att3.shape[1] <= TMAX:
+        _launch(k_softmax_backward_shared, (rows + SM_ROWS_BWD - 1) // SM_ROWS_BWD, (LANES, SM_ROWS_BWD))(
+            datt3, att3, Tb, np.float32(scale))
+    else:
+        _launch(k_softmax_backward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(datt3, att3, Tb, np.float32(scale))
+
+
+def classifier_forward(losses, lse, logits, targets, V):
+    _launch(k_classifier_forward, logits.shape[0], CE_THREADS)(losses, lse, logits, targets, V)
+
+
+def loss_reduce(stats, losses, targets):
+    _launch(k_loss_reduce, 1, RED_THREADS)(stats, losses, targets)
+
+
+def classifier_backward(logits, lse, targets, V, stats, loss_scale):
+    _launch(k_classifier_backward, logits.shape[0], CE_THREADS)(logits, lse, targets, V, stats, float(loss_scale))
+
+
+def layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
+    N = inp.shape[0]
+    _launch(k_layernorm_backward_dinp, (N + ROWS - 1) // ROWS, (LANES, ROWS))(dinp, dout, inp, w, mean, rstd, int(overwrite))
+
+
+def colsum(part, out1, dout, accumulate, out2=None, aux=None, mean=None, rstd=None, mode=0):
+    """out1 (+)= column sums of dout (mode 0: bias gradient); mode 1 also out2 (+)= the
+    layernorm weight gradient; mode 2 first applies the GELU backward to dout in place."""
+    N, OC = dout.shape
+    nchunks = (N + CS_CHUNK - 1) // CS_CHUNK
+    assert nchunks <= part.shape[1] and OC <= part.shape[2]
+    aux = dout if aux is None else aux
+    mean = out1 if mean is None else mean
+    rstd = out1 if rstd is None else rstd
+    grid = ((OC + CS_COLS - 1) // CS_COLS, nchunks)
+    _launch(k_colsum_partial, grid, (CS_COLS, CS_ROWS))(part, dout, aux, mean, rstd, mode, CS_CHUNK)
+    out2 = out1 if out2 is None else out2
+    _launch(k_colsum_finalize, (OC + ELT_THREADS - 1) // ELT_THREADS, ELT_THREADS)(
+        out1, out2, part, nchunks, int(accumulate), int(mode == 1))
+
+
+def encoder_backward_wpe(dwpe, dout, B, T, accumulate):
+    _launch(k_encoder_backward_wpe, _elt_grid(dwpe.size), ELT_THREADS)(dwpe, dout, B, T, int(accumulate))
+
+
+def encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets, max_buckets):
+    threads = min(ENC_THREADS, (dwte.shape[1] + 31) // 32 * 32)
+    _launch(k_encoder_backward_wte, max_buckets, threads)(dwte, dout, positions, bucket_token, bucket_start, num_buckets)
+
+
+def global_norm(normbuf, part, grads, grad_clip):
+    _launch(k_sumsq_partial, part.shape[0], RED_THREADS)(part, grads)
+    _launch(k_norm_finalize, 1, RED_THREADS)(normbuf, part, float(grad_clip))
+
+
+def adamw(params, grads, m, v, normbuf, lr, beta1, beta2, eps, bc1, bc2, group_end, group_decay):
+    f = np.float32
+    _launch(k_adamw, _elt_grid(params.size), ELT_THREADS)(
+        params, grads, m, v, normbuf, f(lr), f(beta1), f(beta2), f(eps), f(bc1), f(bc2), group_end, group_decay)
+
+
+def encoder_buckets(tokens):
+    """Host side of the deterministic wte scatter: positions sorted by token (stable),
+    the distinct tokens, and where each one's positions start."""
+    order = np.argsort(tokens, kind="stable").astype(np.int32)
+    sorted_tokens = tokens[order]
+    starts = np.flatnonzero(np.diff(sorted_tokens)) + 1 if tokens.size else np.zeros(0, np.int64)
+    bucket_start = np.concatenate(([0], starts, [tokens.size])).astype(np.int32)
+    bucket_token = sorted_tokens[bucket_start[:-1]]
+    return order, bucket_token, bucket_start
+
+
+# -----------------------------------------------------------------------------
+# Addresses, and the matrix products (cuBLAS, or its numpy emulation in the simulator)
+
+
+def _addr(x):
+    if SIM:
+        return x._ary.__array_interface__["data"][0]
+    return x.__cuda_array_interface__["data"][0]
+
+
+_emu_buffers = []  # simulator: (address, numpy array) of every flat float32 buffer
+
+
+def _alloc(n, dtype=np.float32):
+    arr = cuda.device_array(int(n), dtype=dtype)
+    if SIM and dtype == np.float32:
+        _emu_buffers.append((_addr(arr), arr._ary))
+    return arr
+
+
+def _emu_matrix(addr, rows, cols, ld):
+    """Column-major rows x cols matrix at a float32 address, as a numpy view; checks
+    that it lies inside one buffer."""
+    assert ld >= max(1, rows), (rows, cols, ld)
+    for base, buf in _emu_buffers:
+        if base <= addr < base + buf.nbytes:
+            off = (addr - base) // 4
+            assert (addr - base) % 4 == 0
+            extent = (cols - 1) * ld + rows
+            assert off + extent <= buf.size, f"matrix out of bounds: offset {off} + extent {extent} > {buf.size}"
+            return np.lib.stride_tricks.as_strided(buf[off:], shape=(rows, cols), strides=(4, 4 * ld))
+    raise AssertionError(f"address {addr:#x} is in no device buffer")
+
+
+def _emu_sgemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+    # exactly cublasSgemm's column-major contract
+    a = _emu_matrix(A, k, m, lda).T if ta else _emu_matrix(A, m, k, lda)
+    b = _emu_matrix(B, n, k, ldb).T if tb else _emu_matrix(B, k, n, ldb)
+    c = _emu_matrix(C, m, n, ldc)
+    r = np.float32(alpha) * np.matmul(a, b, dtype=np.float32)
+    if beta == 0.0:
+        c[...] = r
+    else:
+        c[...] = r + np.float32(beta) * c
+
+
+class PtrArray:
+    """Device pointers of one batched GEMM operand (one per (batch, head))."""
+
+    def __init__(self, host, dev_addr):
+        self.host = host          # np.int64 addresses (used by the emulator)
+        self.dev_addr = dev_addr  # address of the device copy (used by cuBLAS)
+
+
+class Blas:
+    """One cuBLAS handle for the process (on the legacy default stream, which Numba
+    also launches on, so GEMMs and kernels are ordered without host syncs)."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        self._scalars = np.zeros(64, dtype=np.float32)
+        self._scalar_index = {}
+        self.tf32 = None
+        if SIM:
+            self.cublas = None
+            self.handle = None
+        else:
+            import cupy  # noqa: F401  (initializes the runtime on the current device)
+            from cupy_backends.cuda.libs import cublas
+            self.cublas = cublas
+            self.handle = cublas.create()
+            cublas.setStream(self.handle, 0)
+
+    def scalar(self, value):
+        """Host address of a float32 constant (cuBLAS's host pointer mode)."""
+        key = float(np.float32(value))
+        i = self._scalar_index.get(key)
+        if i is None:
+            i = len(self._scalar_index)
+            assert i < self._scalars.size
+            self._scalars[i] = key
+            self._scalar_index[key] = i
+        return self._scalars.ctypes.data + 4 * i
+
+    def set_tf32(self, on):
+        if self.tf32 is not on:
+            if self.handle is not None:
+                self.cublas.setMathMode(self.handle, CUBLAS_TF32_TENSOR_OP_MATH if on else CUBLAS_DEFAULT_MATH)
+            self.tf32 = on
+
+    def gemm(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, alpha=1.0, beta=0.0):
+        """Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C, with A stored
+        M x K (K x M if tA) and B stored K x N (N x K if tB), row strides lda, ldb, ldc.
+        In cuBLAS's column-major terms that is C^T = op(B)^T @ op(A)^T."""
+        if SIM:
+            _emu_sgemm(tB, tA, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc)
+        else:
+            self.cublas.sgemm(self.handle, int(tB), int(tA), N, M, K, self.scalar(alpha), B, ldb, A, lda,
+                              self.scalar(beta), C, ldc)
+
+    def gemm_strided(self, tA, tB, M, N, K, A, lda, sA, B, ldb, sB, C, ldc, sC, count, alpha=1.0, beta=0.0):
+        """gemm over `count` matrices at element strides sA, sB, sC."""
+        if SIM:
+            for i in range(count):
+                _emu_sgemm(tB, tA, N, M, K, alpha, B + 4 * i * sB, ldb, A + 4 * i * sA, lda, beta, C + 4 * i * sC, ldc)
+        else:
+            self.cublas.sgemmStridedBatched(self.handle, int(tB), int(tA), N, M, K, self.scalar(alpha), B, ldb, sB,
+                                            A, lda, sA, self.scalar(beta), C, ldc, sC, count)
+
+    def gemm_batched(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, alpha=1.0, beta=0.0):
+        """gemm over pointer arrays (PtrArray), one product per batch entry."""
+        count = A.host.size
+        if SIM:
+            for i in range(count):
+                _emu_sgemm(tB, tA, N, M, K, alpha, int(B.host[i]), ldb, int(A.host[i]), lda, beta, int(C.host[i]), ldc)
+        else:
+            self.cublas.sgemmBatched(self.handle, int(tB), int(tA), N, M, K, self.scalar(alpha), B.dev_addr, ldb,
+                                     A.dev_addr, lda, self.scalar(beta), C.dev_addr, ldc, count)
+
+
+# -----------------------------------------------------------------------------
+# The model on the device
+
+
+class CudaGPT2:
+    """Device buffers (same layouts as cpu.GPT2's), their views, and the step state."""
+
+
+def cuda_available():
+    try:
+        if not cuda.is_available():
+            return False
+        if not SIM:
+            import cupy  # noqa: F401
+            from cupy_backends.cuda.libs import cublas  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def default_attention_blocks(T, tf32=True):
+    """Causal query blocks: block i multiplies against keys 0..end_i only, so the T x T
+    work is (NB+1)/(2 NB) of the full product. Blocks of about 256 rows with TF32
+    (smaller products lose tensor-core efficiency), about 128 in strict fp32."""
+    rows = 256 if tf32 else 128
+    return max(1, min(1024 // rows, (T + rows - 1) // rows))
+
+
+LAYER_PARAMETERS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b",
+                    "fcw", "fcb", "fcprojw", "fcprojb")
+LAYER_ACTIVATIONS = ("ln1", "ln1_mean", "ln1_rstd", "qkv", "att", "atty", "residual2", "ln2", "ln2_mean",
+                     "ln2_rstd", "fch", "fch_gelu", "residual3")
+
+
+def _per_layer(view, L):
+    return [view[l] for l in range(L)]
+
+
+def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers"):
+    """Copy a cpu.GPT2's parameters to the device and allocate, once, everything a
+    training step at batch shape (B, T) needs. m, v start at zero (step 0); use
+    optimizer_state_from_host to resume."""
+    cfg = model.cfg
+    if T > cfg.max_seq_len or B <= 0 or T <= 0:
+        raise ValueError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
+    C, L, NH, Vp, V = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.padded_vocab_size, cfg.vocab_size
+    if C % NH:
+        raise ValueError(f"channels {C} not divisible by heads {NH}")
+    BT, hs = B * T, C // NH
+    dm = CudaGPT2()
+    dm.cfg, dm.B, dm.T, dm.tf32 = cfg, B, T, bool(tf32)
+    dm.num_parameters = model.num_parameters
+    dm.step = 0
+    dm.blas = Blas.get()
+    dm.stream = 0 if SIM else cuda.default_stream()
+
+    pshapes = cpu.parameter_shapes(cfg)
+    n = dm.num_parameters
+    dm.params_memory = _alloc(n)
+    dm.params_memory.copy_to_device(model.params_memory)
+    dm.grads_memory, dm.m_memory, dm.v_memory = _alloc(n), _alloc(n), _alloc(n)
+    for buf in (dm.grads_memory, dm.m_memory, dm.v_memory):
+        fill(buf, 0.0)
+    dm.params = cpu.slice_views(dm.params_memory, pshapes)
+    dm.grads = cpu.slice_views(dm.grads_memory, pshapes)
+
+    ashapes = cpu.activation_shapes(cfg, B, T)
+    dm.acts_memory = _alloc(cpu.buffer_size(ashapes))
+    fill(dm.acts_memory, 0.0)  # att above the computed causal blocks must read as zero
+    dm.acts = cpu.slice_views(dm.acts_memory, ashapes)
+    # backward scratch: the CPU's shapes, plus the attention score gradients of one layer
+    dshapes = cpu.activation_grad_shapes(cfg, B, T) + [("datt", (B * NH, T, T))]
+    dm.dacts_memory = _alloc(cpu.buffer_size(dshapes))
+    fill(dm.dacts_memory, 0.0)
+    dm.dacts = cpu.slice_views(dm.dacts_memory, dshapes)
+    # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
+    nchunks = (BT + CS_CHUNK - 1) // CS_CHUNK
+    dm.colsum_part = _alloc(2 * nchunks * 4 * C).reshape(2, nchunks, 4 * C)
+    dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
+    dm.normbuf = cuda.device_array(2, dtype=np.float64)
+    dm.stats = cuda.device_array(2, dtype=np.float64)
+    dm.stats.copy_to_device(np.zeros(2))
+    dm.normbuf.copy_to_device(np.array([0.0, 1.0]))
+
+    # per-layer views (indexing a device array costs a Python object each time)
+    p, g, a = dm.params, dm.grads, dm.acts
+    dm.P = SimpleNamespace(**{name: _per_layer(getattr(p, name), L) for name in LAYER_PARAMETERS})
+    dm.G = SimpleNamespace(**{name: _per_layer(getattr(g, name), L) for name in LAYER_PARAMETERS})
+    dm.A = SimpleNamespace(**{name: _per_layer(getattr(a, name), L) for name in LAYER_ACTIVATIONS})
+    dm.att3 = [a.att[l].reshape(B * NH, T, T) for l in range(L)]
+    dm.datt3 = dm.dacts.datt
+
+    # token staging: [inputs | targets | positions | bucket tokens | bucket starts (BT+1) | #buckets]
+    ns = 5 * BT + 2
+    dm.staging_host = cuda.pinned_array(ns, dtype=np.int32)
+    dm.staging_host[:] = 0
+    dm.staging = cuda.device_array(ns, dtype=np.int32)
+    dm.staging.copy_to_device(dm.staging_host)
+    st = dm.staging
+    dm.tokens, dm.targets = st[0:BT], st[BT:2 * BT]
+    dm.positions, dm.bucket_token = st[2 * BT:3 * BT], st[3 * BT:4 * BT]
+    dm.bucket_start, dm.num_buckets = st[4 * BT:5 * BT + 1], st[5 * BT + 1:5 * BT + 2]
+    dm.staging_event = None if SIM else cuda.event(timing=False)
+    dm.host_tokens = None
+    dm.buckets_staged = True
+    dm.has_loss = False        # a forward with targets ran: the loss statistics are valid
+    dm.backward_ready = False  # ... and its logits are still there for a backward
+
+    # AdamW weight-decay groups: contiguous ranges of the parameter buffer
+    ends, kinds = [], []
+    for name, start, end in cpu.parameter_offsets(cfg):
+        is_matrix = name in cpu.MATRIX_PARAMETERS
+        if kinds and kinds[-1] == is_matrix:
+            ends[-1] = end
+        else:
+            ends.append(end)
+            kinds.append(is_matrix)
+    dm.group_end = cuda.to_device(np.array(ends, dtype=np.int64))
+    dm.group_is_matrix = np.array(kinds, dtype=bool)
+    dm.group_decay = cuda.to_device(np.zeros(len(ends), dtype=np.float32))
+    dm._decay_key = None
+
+    # attention: query blocks and the pointer arrays of the batched GEMMs
+    nb = attention_blocks or default_attention_blocks(T, tf32)
+    nb = max(1, min(int(nb), T))
+    Tb = (T + nb - 1) // nb
+    dm.attn_Tb = Tb
+    dm.attn_blocks = [(r0, min(T, r0 + Tb)) for r0 in range(0, T, Tb)]
+    dm.attn_scale = 1.0 / math.sqrt(hs)
+    if attention not in ("strided", "pointers"):
+        raise ValueError(f"attention must be 'strided' or 'pointers', not {attention!r}")
+    dm.attention = attention
+    if attention == "strided":
+        # per-layer head-major copies of q, k, v (written with the qkv bias), the head
+        # outputs, and the backward's head-major datty and dq, dk, dv (one layer)
+        ashapes2 = [("qkvp", (L, 3, B * NH, T, hs)), ("yp", (1, B * NH, T, hs)), ("doutp", (1, B * NH, T, hs)),
+                    ("dqkvp", (3, B * NH, T, hs))]
+        dm.heads_memory = _alloc(cpu.buffer_size(ashapes2))
+        fill(dm.heads_memory, 0.0)
+        dm.heads = cpu.slice_views(dm.heads_memory, ashapes2)
+        dm.qkvp = [dm.heads.qkvp[l] for l in range(L)]
+        h = dm.heads
+        dm.haddr = SimpleNamespace(qkvp=[_addr(x) for x in dm.qkvp], yp=_addr(h.yp), doutp=_addr(h.doutp),
+                                   dqkvp=_addr(h.dqkvp), att=[_addr(x) for x in dm.att3], datt=_addr(dm.datt3))
+    else:
+        _build_attention_pointers(dm)
+
+    # addresses of every GEMM operand
+    ad = SimpleNamespace()
+    for name in ("qkvw", "attprojw", "fcw", "fcprojw"):
+        setattr(ad, name, [_addr(x) for x in getattr(dm.P, name)])
+        setattr(ad, "g" + name, [_addr(x) for x in getattr(dm.G, name)])
+    for name in ("ln1", "qkv", "atty", "residual2", "ln2", "fch", "fch_gelu", "residual3"):
+        setattr(ad, name, [_addr(x) for x in getattr(dm.A, name)])
+    ad.wte, ad.gwte = _addr(p.wte), _addr(g.wte)
+    ad.lnf, ad.logits = _addr(a.lnf), _addr(a.logits)
+    d = dm.dacts
+    ad.dC, ad.d3C, ad.d4C, ad.dresidual = _addr(d.dC), _addr(d.d3C), _addr(d.d4C), _addr(d.dresidual)
+    dm.addr = ad
+    return dm
+
+
+def _build_attention_pointers(dm):
+    """Pointer arrays (one entry per (b, h)) for every batched GEMM of every layer and
+    query block, uploaded once into one device int64 array."""
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
+    hs = C // NH
+    bb = np.repeat(np.arange(B, dtype=np.int64), NH)
+    hh = np.tile(np.arange(NH, dtype=np.int64), B)
+    F = 4
+    tok3 = bb * T * 3 * C + hh * hs          # element offset of head (b, h) in a (BT, 3C) matrix
+    tok1 = bb * T * C + hh * hs              # ... in a (BT, C) matrix
+    sq = (bb * NH + hh) * T * T              # ... of its (T, T) score matrix
+    specs = {}
+    d = dm.dacts
+    dC, d3C, datt = _addr(d.dC), _addr(d.d3C), _addr(d.datt)
+    for l in range(L):
+        qkv, att, atty = _addr(dm.A.qkv[l]), _addr(dm.att3[l]), _addr(dm.A.atty[l])
+        specs[("K", l)] = qkv + F * (tok3 + C)
+        specs[("V", l)] = qkv + F * (tok3 + 2 * C)
+        for i, (r0, r1) in enumerate(dm.attn_blocks):
+            specs[("Q", l, i)] = qkv + F * (tok3 + r0 * 3 * C)
+            specs[("att", l, i)] = att + F * (sq + r0 * T)
+            specs[("attT", l, i)] = att + F * (sq + r0 * T + r0)
+            specs[("atty", l, i)] = atty + F * (tok1 + r0 * C)
+    for i, (r0, r1) in enumerate(dm.attn_blocks):
+        specs[("dout", i)] = dC + F * (tok1 + r0 * C)
+        specs[("dq", i)] = d3C + F * (tok3 + r0 * 3 * C)
+        specs[("dk", i)] = d3C + F * (tok3 + C + r0 * 3 * C)
+        specs[("dv", i)] = d3C + F * (tok3 + 2 * C + r0 * 3 * C)
+        specs[("datt", i)] = datt + F * (sq + r0 * T)
+        specs[("dattT", i)] = datt + F * (sq + r0 * T + r0)
+    keys = list(specs)
+    table = np.concatenate([specs[k] for k in keys]).astype(np.int64)
+    dm.ptr_table = cuda.to_device(table)
+    base = _addr(dm.ptr_table)
+    n = B * NH
+    dm.ptrs = {k: PtrArray(table[j * n:(j + 1) * n], base + 8 * j * n) for j, k in enumerate(keys)}
+
+
+def _attention_forward(dm, l):
+    """att[l] = causal softmax(q k^T * scale), atty[l] = att @ v, per (b, h). Expects
+    qkv[l] with its bias (strided: and its head-major copy)."""
+    if dm.attention == "strided":
+        return _attention_forward_strided(dm, l)
+    return _attention_forward_pointers(dm, l)
+
+
+def _attention_backward(dm, l):
+    """dqkv (d3C) from datty (dC), through att @ v and the softmax."""
+    if dm.attention == "strided":
+        return _attention_backward_strided(dm, l)
+    return _attention_backward_pointers(dm, l)
+
+
+def _attention_forward_strided(dm, l):
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    NH = cfg.num_heads
+    hs = cfg.channels // NH
+    BNH, TT, Ths = B * NH, T * T, T * hs
+    blas, ha = dm.blas, dm.haddr
+    q = ha.qkvp[l]
+    k = q + 4 * BNH * Ths
+    v = k + 4 * BNH * Ths
+    att = ha.att[l]
+    for r0, r1 in dm.attn_blocks:
+        # att[r0:r1, 0:r1] = scale * q[r0:r1] @ k[0:r1]^T, per (b, h)
+        blas.gemm_strided(False, True, r1 - r0, r1, hs, q + 4 * r0 * hs, hs, Ths, k, hs, Ths,
+                          att + 4 * r0 * T, T, TT, BNH, alpha=dm.attn_scale)
+    softmax_forward(dm.att3[l], dm.attn_Tb)
+    for r0, r1 in dm.attn_blocks:
+        # y[r0:r1] = att[r0:r1, 0:r1] @ v[0:r1]
+        blas.gemm_strided(False, False, r1 - r0, hs, r1, att + 4 * r0 * T, T, TT, v, hs, Ths,
+                          ha.yp + 4 * r0 * hs, hs, Ths, BNH)
+    heads_merge(dm.A.atty[l], dm.heads.yp, B, T, NH)
+
+
+def _attention_backward_strided(dm, l):
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    NH = cfg.num_heads
+    hs = cfg.channels // NH
+    BNH, TT, Ths = B * NH, T * T, T * hs
+    blas, ha = dm.blas, dm.haddr
+    q = ha.qkvp[l]
+    k = q + 4 * BNH * Ths
+    v = k + 4 * BNH * Ths
+    att, datt, dout = ha.att[l], ha.datt, ha.doutp
+    dq = ha.dqkvp
+    dk = dq + 4 * BNH * Ths
+    dv = dk + 4 * BNH * Ths
+    heads_split(dm.heads.doutp, dm.dacts.dC, B, T, NH)
+    for r0, r1 in dm.attn_blocks:
+        R = r1 - r0
+        # dv[r0:r1] = att[r0:T, r0:r1]^T @ dout[r0:T]
+        blas.gemm_strided(True, False, R, hs, T - r0, att + 4 * (r0 * T + r0), T, TT, dout + 4 * r0 * hs, hs, Ths,
+                          dv + 4 * r0 * hs, hs, Ths, BNH)
+        # datt[r0:r1, 0:r1] = dout[r0:r1] @ v[0:r1]^T
+        blas.gemm_strided(False, True, R, r1, hs, dout + 4 * r0 * hs, hs, Ths, v, hs, Ths,
+                          datt + 4 * r0 * T, T, TT, BNH)
+    softmax_backward(dm.datt3, dm.att3[l], dm.attn_Tb, dm.attn_scale)
+    for r0, r1 in dm.attn_blocks:
+        R = r1 - r0
+        # dq[r0:r1] = dpre[r0:r1, 0:r1] @ k[0:r1]
+        blas.gemm_strided(False, False, R, hs, r1, datt + 4 * r0 * T, T, TT, k, hs, Ths,
+                          dq + 4 * r0 * hs, hs, Ths, BNH)
+        # dk[r0:r1] = dpre[r0:T, r0:r1]^T @ q[r0:T]
+        blas.gemm_strided(True, False, R, hs, T - r0, datt + 4 * (r0 * T + r0), T, TT, q + 4 * r0 * hs, hs, Ths,
+                          dk + 4 * r0 * hs, hs, Ths, BNH)
+    heads_merge(dm.dacts.d3C, dm.heads.dqkvp, B, T, NH)
+
+
+def _attention_forward_pointers(dm, l):
+    """att[l] = causal softmax(q k^T * scale), atty[l] = att @ v, per (b, h), in place."""
+    cfg, T = dm.cfg, dm.T
+    C = cfg.channels
+    hs = C // cfg.num_heads
+    blas, P = dm.blas, dm.ptrs
+    for i, (r0, r1) in enumerate(dm.attn_blocks):
+        R = r1 - r0
+        blas.gemm_batched(False, True, R, r1, hs, P[("Q", l, i)], 3 * C, P[("K", l)], 3 * C, P[("att", l, i)], T,
+                          alpha=dm.attn_scale)
+    softmax_forward(dm.att3[l], dm.attn_Tb)
+    for i, (r0, r1) in enumerate(dm.attn_blocks):
+        R = r1 - r0
+        blas.gemm_batched(False, False, R, hs, r1, P[("att", l, i)], T, P[("V", l)], 3 * C, P[("atty", l, i)], C)
+
+
+def _attention_backward_pointers(dm, l):
+    cfg, T = dm.cfg, dm.T
+    C = cfg.channels
+    hs = C // cfg.num_heads
+    blas, P = dm.blas, dm.ptrs
+    for i, (r0, r1) in enumerate(dm.attn_blocks):
+        R = r1 - r0
+        # dv[r0:r1] = att[r0:T, r0:r1]^T @ dout[r0:T]
+        blas.gemm_batched(True, False, R, hs, T - r0, P[("attT", l, i)], T, P[("dout", i)], C, P[("dv", i)], 3 * C)
+        # datt[r0:r1, 0:r1] = dout[r0:r1] @ v[0:r1]^T
+        blas.gemm_batched(False, True, R, r1, hs, P[("dout", i)], C, P[("V", l)], 3 * C, P[("datt", i)], T)
+    softmax_backward(dm.datt3, dm.att3[l], dm.attn_Tb, dm.attn_scale)
+    for i, (r0, r1) in enumerate(dm.attn_blocks):
+        R = r1 - r0
+        # dq[r0:r1] = dpre[r0:r1, 0:r1] @ k[0:r1]
+        blas.gemm_batched(False, False, R, hs, r1, P[("datt", i)], T, P[("K", l)], 3 * C, P[("dq", i)], 3 * C)
+        # dk[r0:r1] = dpre[r0:T, r0:r1]^T @ q[r0:T]
+        blas.gemm_batched(True, False, R, hs, T - r0, P[("dattT", i)], T, P[("Q", l, i)], 3 * C, P[("dk", i)], 3 * C)
+
+
+def _stage(dm, lo, hi):
+    """Copy staging[lo:hi] host -> device (pinned, async, on the default stream)."""
+    dm.staging[lo:hi].copy_to_device(dm.staging_host[lo:hi], stream=dm.stream)
+    if dm.staging_event is not None:
+        dm.staging_event.record(dm.stream)
+
+
+def _wait_staging(dm):
+    if dm.staging_event is not None:
+        dm.staging_event.synchronize()  # the last copy out of the staging buffer is done
+
+
+def _stage_tokens(dm, inputs, targets):
+    B, T, BT = dm.B, dm.T, dm.B * dm.T
+    inputs = np.asarray(inputs)
+    if inputs.shape != (B, T):
+        raise ValueError(f"inputs of shape {inputs.shape}, but the device model was built for (B, T) = {(B, T)}")
+    tokens = np.ascontiguousarray(inputs, dtype=np.int32).reshape(-1)
+    V = dm.cfg.vocab_size
+    if tokens.min() < 0 or tokens.max() >= V:
+        raise ValueError(f"token ids must lie in [0, {V})")
+    if targets is not None:
+        targets = np.asarray(targets)
+        if targets.shape != (B, T):
+            raise ValueError(f"targets of shape {targets.shape}, expected {(B, T)}")
+        tg = np.ascontiguousarray(targets, dtype=np.int32).reshape(-1)
+        if tg.max() >= V or tg.min() < -1:
+            raise ValueError(f"target ids must lie in [0, {V}) or be -1 (masked)")
+    _wait_staging(dm)
+    h = dm.staging_host
+    h[0:BT] = tokens
+    if targets is not None:
+        h[BT:2 * BT] = tg
+    _stage(dm, 0, 2 * BT if targets is not None else BT)
+    dm.host_tokens = tokens.copy()
+    dm.buckets_staged = False
+
+
+def _stage_buckets(dm):
+    """The encoder backward's buckets, built on the host while the device still runs
+    the forward, staged behind it."""
+    if dm.buckets_staged:
+        return
+    BT = dm.B * dm.T
+    order, bucket_token, bucket_start = encoder_buckets(dm.host_tokens)
+    _wait_staging(dm)
+    h = dm.staging_host
+    nb = bucket_token.size
+    h[2 * BT:3 * BT] = order
+    h[3 * BT:3 * BT + nb] = bucket_token
+    h[4 * BT:4 * BT + nb + 1] = bucket_start
+    h[5 * BT + 1] = nb
+    _stage(dm, 2 * BT, 5 * BT + 2)
+    dm.buckets_staged = True
+
+
+def gpt2_forward_cuda(dm, inputs, targets=None):
+    """inputs, targets: host int32 (B, T) (targets of -1 are masked). Fills the device
+    activations and, with targets, the per-position losses and the loss statistics on
+    the device; returns nothing (read the loss with mean_loss_cuda)."""
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    L, V = cfg.num_layers, cfg.vocab_size
+    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    _stage_tokens(dm, inputs, targets)
+    dm.has_loss = dm.backward_ready = targets is not None
+    blas = dm.blas
+    blas.set_tf32(dm.tf32)
+    p, a, P, A, ad = dm.params, dm.acts, dm.P, dm.A, dm.addr
+
+    first_ln = (A.ln1[0], A.ln1_mean[0], A.ln1_rstd[0], P.ln1w[0], P.ln1b[0]) if L else \
+        (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
+    encoder_layernorm(a.encoded, first_ln[0], first_ln[1], first_ln[2], dm.tokens, p.wte, p.wpe,
+                      first_ln[3], first_ln[4], T)
+    residual = a.encoded
+    for l in range(L):
+        blas.gemm(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C)
+        if dm.attention == "strided":
+            qkv_bias_permute(A.qkv[l], P.qkvb[l], dm.qkvp[l], B, T, cfg.num_heads)
+        else:
+            bias_forward(A.qkv[l], P.qkvb[l])
+        _attention_forward(dm, l)
+        blas.gemm(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C)
+        residual_layernorm(A.residual2[l], residual, P.attprojb[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l],
+                           P.ln2w[l], P.ln2b[l])
+        blas.gemm(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch[l], 4 * C)
+        bias_gelu_forward(A.fch[l], A.fch_gelu[l], P.fcb[l])
+        blas.gemm(False, True, BT, C, 4 * C, ad.fch_gelu[l], 4 * C, ad.fcprojw[l], 4 * C, ad.residual3[l], C)
+        if l + 1 < L:
+            nxt = (A.ln1[l + 1], A.ln1_mean[l + 1], A.ln1_rstd[l + 1], P.ln1w[l + 1], P.ln1b[l + 1])
+        else:
+            nxt = (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
+        residual_layernorm(A.residual3[l], A.residual2[l], P.fcprojb[l], nxt[0], nxt[1], nxt[2], nxt[3], nxt[4])
+        residual = A.residual3[l]
+    blas.gemm(False, True, BT, Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
+    if targets is not None:
+        classifier_forward(a.losses, a.logsumexp, a.logits, dm.targets, V)
+        loss_reduce(dm.stats, a.losses, dm.targets)
+
+
+def mean_loss_cuda(dm):
+    """Mean loss over the unmasked targets of the last forward (a device-to-host read;
+    it waits for the device). None after a forward without targets."""
+    if not dm.has_loss:
+        return None
+    s, cnt = dm.stats.copy_to_host()
+    return float(s / cnt) if cnt else 0.0
+
+
+def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
+    """Gradients of loss_scale * mean loss of the last forward. accumulate=False
+    overwrites the parameter gradients, True adds to them. The logits become dlogits."""
+    if not dm.backward_ready:
+        raise RuntimeError("gpt2_backward_cuda needs a forward pass with targets first")
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    L, V = cfg.num_layers, cfg.vocab_size
+    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    blas = dm.blas
+    blas.set_tf32(dm.tf32)
+    p, g, a, d = dm.params, dm.grads, dm.acts, dm.dacts
+    P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
+    part = dm.colsum_part
+    beta = 1.0 if accumulate else 0.0
+
+    _stage_buckets(dm)
+    classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
+    dm.backward_ready = False  # the logits are gone (dlogits now)
+    # logits = lnf @ wte^T
+    blas.gemm(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
+    blas.gemm(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, beta=beta)
+    last_residual = A.residual3[L - 1] if L > 0 else a.encoded
+    layernorm_backward_dinp(d.dresidual, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True)
+    colsum(part, g.lnfb, d.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+
+    for l in range(L - 1, -1, -1):
+        residual = A.residual3[l - 1] if l > 0 else a.encoded
+        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        colsum(part, G.fcprojb[l], d.dresidual, accumulate)
+        blas.gemm(False, False, BT, 4 * C, C, ad.dresidual, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C)
+        blas.gemm(True, False, C, 4 * C, BT, ad.dresidual, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C, beta=beta)
+        colsum(part, G.fcb[l], d.d4C, accumulate, aux=A.fch[l], mode=2)  # GELU backward in place + fc bias
+        blas.gemm(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
+        blas.gemm(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, beta=beta)
+        layernorm_backward_dinp(d.dresidual, d.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False)
+        colsum(part, G.ln2b[l], d.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
+               rstd=A.ln2_rstd[l], mode=1)
+        # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
+        colsum(part, G.attprojb[l], d.dresidual, accumulate)
+        blas.gemm(False, False, BT, C, C, ad.dresidual, C, ad.attprojw[l], C, ad.dC, C)
+        blas.gemm(True, False, C, C, BT, ad.dresidual, C, ad.atty[l], C, ad.gattprojw[l], C, beta=beta)
+        _attention_backward(dm, l)
+        colsum(part, G.qkvb[l], d.d3C, accumulate)
+        blas.gemm(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
+        blas.gemm(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, beta=beta)
+        layernorm_backward_dinp(d.dresidual, d.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False)
+        colsum(part, G.ln1b[l], d.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
+               rstd=A.ln1_rstd[l], mode=1)
+    encoder_backward_wte(g.wte, d.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
+    encoder_backward_wpe(g.wpe, d.dresidual, B, T, accumulate)
+
+
+def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                     weight_decay_mode="matrices", grad_clip=0.0):
+    """One AdamW step over the whole parameter buffer (cpu.gpt2_update's semantics),
+    with the global gradient norm and the clipping computed on the device. Returns the
+    norm before clipping as a 1-element float64 device array (overwritten by the next
+    update): read_norm() or .copy_to_host() reads it; nothing here waits for the device."""
+    if weight_decay_mode not in ("all", "matrices"):
+        raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
+    dm.step += 1
+    key = (float(weight_decay), weight_decay_mode)
+    if dm._decay_key != key:  # a small host-to-device copy only when the decay changes
+        decay = np.full(dm.group_is_matrix.size, weight_decay, dtype=np.float32)
+        if weight_decay_mode == "matrices":
+            decay[~dm.group_is_matrix] = 0.0
+        dm.group_decay.copy_to_device(decay)
+        dm._decay_key = key
+    global_norm(dm.normbuf, dm.norm_part, dm.grads_memory, grad_clip)
+    bc1 = 1.0 - beta1 ** dm.step
+    bc2 = 1.0 - beta2 ** dm.step
+    adamw(dm.params_memory, dm.grads_memory, dm.m_memory, dm.v_memory, dm.normbuf, lr, beta1, beta2, eps,
+          bc1, bc2, dm.group_end, dm.group_decay)
+    return dm.normbuf[0:1]
+
+
+def read_norm(norm):
+    """The float value of what gpt2_update_cuda returned (waits for the device)."""
+    return float(norm.copy_to_host()[0])
+
+
+def params_to_host(dm, model):
+    dm.params_memory.copy_to_host(model.params_memory)
+    return model
+
+
+def params_from_host(dm, model):
+    dm.params_memory.copy_to_device(model.params_memory)
+
+
+def grads_to_host(dm):
+    return dm.grads_memory.copy_to_host()
+
+
+def logits_to_host(dm):
+    """(B*T, Vp) logits of the last forward (dlogits once a backward has run)."""
+    return dm.acts.logits.copy_to_host()
+
+
+def losses_to_host(dm):
+    return dm.acts.losses.copy_to_host()
+
+
+def optimizer_state_to_host(dm):
+    return dm.m_memory.copy_to_host(), dm.v_memory.copy_to_host()
+
+
+def optimizer_state_from_host(dm, m, v, step):
+    dm.m_memory.copy_to_device(np.ascontiguousarray(m, dtype=np.float32))
+    dm.v_memory.copy_to_device(np.ascontiguousarray(v, dtype=np.float32))
+    dm.step = int(step)
+
+
+def synchronize():
+    cuda.synchronize()
+
+
+def device_memory_used():
+    """Bytes in use on the device (whole context: ours, cuBLAS's, CuPy's), or None."""
+    if SIM:
+        return None
+    free, total = cuda.current_context().get_memory_info()
+    return total - free
+
+
+def datasheet_peak_tflops(tf32):
+    """Dense peak of the GPU for MFU: the H100/H200 SXM datasheet's TF32 tensor-core
+    (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs."""
+    name = cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    if "H100" in name or "H200" in name:
+        return 494.7 if tf32 else 66.9
+    return 0.0
