@@ -18,7 +18,8 @@ help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install:  ## install the run-time packages (requirements.txt) if missing
-	@$(PYTHON) -c "import numpy, numba, tiktoken, requests, tqdm, matplotlib" 2>/dev/null || $(PIP) install -q -r requirements.txt
+	@$(PYTHON) -c "import numpy, numba, tiktoken, requests, tqdm, matplotlib; assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 5)" 2>/dev/null \
+		|| $(PIP) install -q -r requirements.txt
 
 install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU)
 	@$(PYTHON) -c "import pytest, torch" 2>/dev/null || $(PIP) install -q -r requirements-test.txt
