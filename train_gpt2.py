@@ -231,12 +231,12 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
         m = np.float32(0.0)
         for c in range(C):
             m += inp[i, c]
-        m = m / C
+        m = m / np.float32(C)  # a float32 divisor: dividing by the int C would promote to float64
         v = np.float32(0.0)
         for c in range(C):
             d = inp[i, c] - m
             v += d * d
-        v = v / C
+        v = v / np.float32(C)
         s = np.float32(1.0) / np.sqrt(v + eps)
         for c in range(C):
             out[i, c] = (inp[i, c] - m) * s * weight[c] + bias[c]
@@ -257,8 +257,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, accu
             dnorm = weight[c] * dout[i, c]
             dnorm_mean += dnorm
             dnorm_norm_mean += dnorm * norm
-        dnorm_mean = dnorm_mean / C
-        dnorm_norm_mean = dnorm_norm_mean / C
+        dnorm_mean = dnorm_mean / np.float32(C)
+        dnorm_norm_mean = dnorm_norm_mean / np.float32(C)
         for c in range(C):
             norm = (inp[i, c] - m) * s
             dnorm = weight[c] * dout[i, c]

@@ -71,7 +71,7 @@ ONE = np.float32(1.0)
 HALF = np.float32(0.5)
 THREE = np.float32(3.0)
 NEG_INF = np.float32(-np.inf)
-EPS64 = float(np.float32(1e-5))        # the CPU adds float32(1e-5) to a float64 variance
+EPS = np.float32(1e-5)
 GELU_SCALE = cpu.GELU_SCALE
 GELU_CUBE = cpu.GELU_CUBE
 FULL_MASK = 0xFFFFFFFF
@@ -193,8 +193,8 @@ else:
 @cuda.jit(**JIT)
 def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     # encoded[i] = wte[token] + wpe[i % T], then ln = layernorm(encoded): one warp per row.
-    # Like the CPU (whose Numba sums unify to float64), the statistics are float64.
-    sh = cuda.shared.array((ROWS, LANES), float64)
+    # float32 statistics, as the CPU computes them
+    sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
@@ -203,18 +203,18 @@ def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     ii = i if i < N else 0
     tok = tokens[ii]
     t = ii % T
-    s = 0.0
+    s = F0
     for c in range(lane, ncols, LANES):
         x = wte[tok, c] + wpe[t, c]
         encoded[ii, c] = x
         s += x
-    m = warp_sum(s, sh, ty) / C
-    v = 0.0
+    m = warp_sum(s, sh, ty) / float32(C)
+    v = F0
     for c in range(lane, ncols, LANES):
         d = encoded[ii, c] - m
         v += d * d
-    v = warp_sum(v, sh, ty) / C
-    rs = 1.0 / math.sqrt(v + EPS64)
+    v = warp_sum(v, sh, ty) / float32(C)
+    rs = ONE / math.sqrt(v + EPS)
     for c in range(lane, ncols, LANES):
         ln[ii, c] = (encoded[ii, c] - m) * rs * w[c] + b[c]
     if lane == 0 and i < N:
@@ -226,27 +226,27 @@ def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
 def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
     # mode 1: res = (res + bias) + prev (matmul output + bias + residual, in place), then
     # ln = layernorm(res). mode 0: ln = layernorm(res) (prev and bias unused).
-    sh = cuda.shared.array((ROWS, LANES), float64)
+    sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
     N, C = res.shape
     ncols = C if i < N else 0
     ii = i if i < N else 0
-    s = 0.0
+    s = F0
     for c in range(lane, ncols, LANES):
         x = res[ii, c]
         if mode == 1:
             x = (x + bias[c]) + prev[ii, c]
             res[ii, c] = x
         s += x
-    m = warp_sum(s, sh, ty) / C
-    v = 0.0
+    m = warp_sum(s, sh, ty) / float32(C)
+    v = F0
     for c in range(lane, ncols, LANES):
         d = res[ii, c] - m
         v += d * d
-    v = warp_sum(v, sh, ty) / C
-    rs = 1.0 / math.sqrt(v + EPS64)
+    v = warp_sum(v, sh, ty) / float32(C)
+    rs = ONE / math.sqrt(v + EPS)
     for c in range(lane, ncols, LANES):
         ln[ii, c] = (res[ii, c] - m) * rs * w[c] + b[c]
     if lane == 0 and i < N:
@@ -527,8 +527,8 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
 
 @cuda.jit(**JIT)
 def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
-    # dinp (+)= layernorm input gradient; one warp per row, float64 row sums as the CPU
-    sh = cuda.shared.array((ROWS, LANES), float64)
+    # dinp (+)= layernorm input gradient; one warp per row, float32 row sums as the CPU
+    sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
@@ -537,15 +537,15 @@ def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
     ii = i if i < N else 0
     m = mean[ii]
     s = rstd[ii]
-    a = 0.0
-    bb = 0.0
+    a = F0
+    bb = F0
     for c in range(lane, ncols, LANES):
         norm = (inp[ii, c] - m) * s
         dn = w[c] * dout[ii, c]
         a += dn
         bb += dn * norm
-    a = warp_sum(a, sh, ty) / C
-    bb = warp_sum(bb, sh, ty) / C
+    a = warp_sum(a, sh, ty) / float32(C)
+    bb = warp_sum(bb, sh, ty) / float32(C)
     for c in range(lane, ncols, LANES):
         norm = (inp[ii, c] - m) * s
         dn = w[c] * dout[ii, c]
