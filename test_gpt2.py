@@ -110,8 +110,6 @@ def run_cpu(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads):
 
 def run_cuda(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, tf32):
     import train_gpt2_cuda as gcu
-    if not gcu.cuda_available():
-        raise gpt.UserError("--device cuda: no CUDA GPU found (is numba-cuda installed and a driver present?)")
     V = model.cfg.vocab_size
     B, T = x.shape
     dm = gcu.to_device(model, B, T, tf32=tf32)
@@ -157,6 +155,10 @@ def main(argv=None):
         parser.error("--tf32 needs --device cuda")
     try:
         t0 = time.perf_counter()
+        if args.device == "cuda":
+            import train_gpt2_cuda as gcu
+            if not gcu.cuda_available():
+                raise gpt.UserError("--device cuda: no CUDA GPU found (is numba-cuda installed and a driver present?)")
         model = gpt.read_checkpoint(args.checkpoint)
         cfg = model.cfg
         x, y, ref_logits, ref_loss, ref_grads = read_debug_state(args.state, cfg)
