@@ -723,9 +723,10 @@ def gpt2_forward(model, inputs, targets=None):
     cfg = model.cfg
     B, T = inputs.shape
     ensure_activations(model, B, T)
-    C, L, NH, V = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.vocab_size
+    L, NH, V = cfg.num_layers, cfg.num_heads, cfg.vocab_size
     p, a = model.params, model.acts
     tokens = np.ascontiguousarray(inputs, dtype=np.int32).reshape(-1)
+    check_tokens(tokens, V, "inputs")  # the kernels index wte with them unchecked
     model.inputs = tokens
 
     encoder_forward(a.encoded, tokens, p.wte, p.wpe, T)
@@ -750,6 +751,9 @@ def gpt2_forward(model, inputs, targets=None):
         model.mean_loss = None
         return None
     model.targets = np.ascontiguousarray(targets, dtype=np.int32).reshape(-1)
+    if model.targets.shape != tokens.shape:
+        raise UserError(f"targets have {model.targets.size} positions, inputs {tokens.size}")
+    check_tokens(model.targets[model.targets != -1], V, "targets (-1 masks a position)")
     crossentropy_forward(a.losses, a.logsumexp, a.logits, model.targets, V)
     num_valid = int(np.count_nonzero(model.targets >= 0))
     model.num_valid_targets = num_valid

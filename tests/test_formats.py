@@ -420,3 +420,21 @@ def test_train_cli_bad_inputs(reference, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for fragment in expect:
         assert fragment in lines[0], lines[0]
+
+
+def test_forward_rejects_out_of_range_ids(tiny_model):
+    """The kernels index the embedding with the ids unchecked: gpt2_forward checks them."""
+    x = np.zeros((2, 8), dtype=np.int32)
+    y = np.zeros((2, 8), dtype=np.int32)
+    x[1, 3] = 64  # vocab_size of the tiny config
+    with pytest.raises(gpt.UserError, match="token id 64 is outside the vocabulary"):
+        gpt.gpt2_forward(tiny_model, x, y)
+    x[1, 3] = -2
+    with pytest.raises(gpt.UserError, match="token id -2"):
+        gpt.gpt2_forward(tiny_model, x, y)
+    x[1, 3] = 0
+    y[0, 0] = -2  # only -1 masks
+    with pytest.raises(gpt.UserError, match="targets"):
+        gpt.gpt2_forward(tiny_model, x, y)
+    y[0, 0] = -1
+    assert np.isfinite(gpt.gpt2_forward(tiny_model, x, y))
