@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -88,37 +89,38 @@ class Report:
             self.failures.append(name)
 
 
-def run_cpu(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads):
-    V = model.cfg.vocab_size
-    loss = gpt.gpt2_forward(model, x, y)
-    report.compare("logits", "logits", model.acts.logits[:, :V], ref_logits)
-    report.compare("loss", "loss", loss, ref_loss)
-    gpt.gpt2_backward(model)
-    for name, start, end in gpt.parameter_offsets(model.cfg):
-        report.compare(f"grad {name}", "grad", model.grads_memory[start:end], ref_grads[start:end])
-    if recipe is None:
-        return
-    opt = recipe["optimizer"]
-    losses = [loss]
-    for step in range(1, len(recipe["losses"])):
-        gpt.gpt2_update(model, opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"],
-                        opt["weight_decay_mode"], opt["grad_clip"])
-        losses.append(gpt.gpt2_forward(model, x, y))
-        gpt.gpt2_backward(model)
-    compare_step_losses(report, losses, recipe["losses"])
-
-
-def run_cuda(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, tf32):
+def device_ops(model, B, T, device, tf32):
+    """forward(x, y) -> loss, backward(), update(**recipe), logits() and grads() as host
+    arrays: the same five operations on the CPU module or the CUDA one."""
+    if device == "cpu":
+        return SimpleNamespace(
+            forward=lambda x, y: gpt.gpt2_forward(model, x, y),
+            backward=lambda: gpt.gpt2_backward(model),
+            update=lambda **opt: gpt.gpt2_update(model, **opt),
+            logits=lambda: model.acts.logits,
+            grads=lambda: model.grads_memory)
     import train_gpt2_cuda as gcu
-    V = model.cfg.vocab_size
-    B, T = x.shape
     dm = gcu.to_device(model, B, T, tf32=tf32)
-    gcu.gpt2_forward_cuda(dm, x, y)
-    loss = gcu.mean_loss_cuda(dm)
-    report.compare("logits", "logits", gcu.logits_to_host(dm)[:, :V], ref_logits)
+
+    def forward(x, y):
+        gcu.gpt2_forward_cuda(dm, x, y)
+        return gcu.mean_loss_cuda(dm)
+    return SimpleNamespace(
+        forward=forward,
+        backward=lambda: gcu.gpt2_backward_cuda(dm),
+        update=lambda **opt: gcu.gpt2_update_cuda(dm, **opt),
+        logits=lambda: gcu.logits_to_host(dm),
+        grads=lambda: gcu.grads_to_host(dm))
+
+
+def run_check(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, device, tf32):
+    V = model.cfg.vocab_size
+    ops = device_ops(model, x.shape[0], x.shape[1], device, tf32)
+    loss = ops.forward(x, y)
+    report.compare("logits", "logits", ops.logits()[:, :V], ref_logits)
     report.compare("loss", "loss", loss, ref_loss)
-    gcu.gpt2_backward_cuda(dm)
-    grads = gcu.grads_to_host(dm)
+    ops.backward()
+    grads = ops.grads()
     for name, start, end in gpt.parameter_offsets(model.cfg):
         report.compare(f"grad {name}", "grad", grads[start:end], ref_grads[start:end])
     if recipe is None:
@@ -126,11 +128,11 @@ def run_cuda(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, tf32)
     opt = recipe["optimizer"]
     losses = [loss]
     for step in range(1, len(recipe["losses"])):
-        gcu.gpt2_update_cuda(dm, opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"],
-                             opt["weight_decay_mode"], opt["grad_clip"])
-        gcu.gpt2_forward_cuda(dm, x, y)
-        losses.append(gcu.mean_loss_cuda(dm))
-        gcu.gpt2_backward_cuda(dm)
+        ops.update(lr=opt["lr"], beta1=opt["beta1"], beta2=opt["beta2"], eps=opt["eps"],
+                   weight_decay=opt["weight_decay"], weight_decay_mode=opt["weight_decay_mode"],
+                   grad_clip=opt["grad_clip"])
+        losses.append(ops.forward(x, y))
+        ops.backward()
     compare_step_losses(report, losses, recipe["losses"])
 
 
@@ -173,10 +175,7 @@ def main(argv=None):
         print("recipe: " + (json.dumps(recipe["optimizer"]) + f", {len(recipe['losses'])} steps" if recipe
                             else "none (plain llm.c state): checking step 0 only"))
         report = Report(TF32_LOOSENING if args.tf32 else 1.0)
-        if args.device == "cpu":
-            run_cpu(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads)
-        else:
-            run_cuda(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, args.tf32)
+        run_check(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, args.device, args.tf32)
     except gpt.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
