@@ -13,11 +13,17 @@ update), data, sampling, the training loop.
 """
 
 import argparse
+import copy
+import glob
+import json
 import math
 import mmap
 import os
+import re
+import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -101,13 +107,16 @@ def padded_vocab(vocab_size):
     return ((vocab_size + 127) // 128) * 128
 
 
+GPT2_SIZES = {12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}  # depth: (heads, channels)
+
+
 def config_from_depth(descriptor, vocab_size=50257, max_seq_len=1024):
     """'d12' is GPT-2 124M, 'd24' 350M, 'd36' 774M, 'd48' 1558M; any other 'dN' has
     N layers, N heads and 64*N channels."""
     if not (descriptor.startswith("d") and descriptor[1:].isdigit() and int(descriptor[1:]) > 0):
         raise UserError(f"bad model descriptor {descriptor!r}: expected d12, d24, d6, ... or a checkpoint file")
     depth = int(descriptor[1:])
-    heads, channels = {12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}.get(depth, (depth, 64 * depth))
+    heads, channels = GPT2_SIZES.get(depth, (depth, 64 * depth))
     return GPT2Config(max_seq_len, vocab_size, padded_vocab(vocab_size), depth, heads, channels)
 
 
@@ -126,7 +135,6 @@ def parameter_shapes(cfg):
     ]
 
 
-PARAMETER_NAMES = [name for name, _ in parameter_shapes(GPT2Config())]
 MATRIX_PARAMETERS = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}  # weight decay applies to these
 
 
@@ -169,25 +177,26 @@ def buffer_size(shapes):
     return sum(int(np.prod(shape)) for _, shape in shapes)
 
 
-def slice_views(buffer, shapes):
-    """Named views into one flat buffer, in order."""
-    views, offset = {}, 0
+def tensor_offsets(shapes):
+    """(name, shape, start, end) of each tensor laid out back to back in a flat buffer."""
+    out, offset = [], 0
     for name, shape in shapes:
         n = int(np.prod(shape))
-        views[name] = buffer[offset:offset + n].reshape(shape)
+        out.append((name, shape, offset, offset + n))
         offset += n
-    assert offset == buffer.size
-    return SimpleNamespace(**views)
+    return out
+
+
+def slice_views(buffer, shapes):
+    """Named views into one flat buffer, in order."""
+    layout = tensor_offsets(shapes)
+    assert layout[-1][3] == buffer.size
+    return SimpleNamespace(**{name: buffer[start:end].reshape(shape) for name, shape, start, end in layout})
 
 
 def parameter_offsets(cfg):
     """(name, start, end) of each parameter tensor in the flat buffer."""
-    out, offset = [], 0
-    for name, shape in parameter_shapes(cfg):
-        n = int(np.prod(shape))
-        out.append((name, offset, offset + n))
-        offset += n
-    return out
+    return [(name, start, end) for name, _, start, end in tensor_offsets(parameter_shapes(cfg))]
 
 
 # -----------------------------------------------------------------------------
@@ -603,8 +612,8 @@ class GPT2:
         self.B = self.T = 0
         self.acts = self.dacts = None
         self.step = 0  # AdamW steps taken
-        self.mean_loss = None
-        self.targets = None
+        self.inputs = self.targets = None  # of the last forward pass, flat int32
+        self.num_valid_targets = 0
 
 
 INIT_BLOCK = 1 << 20  # parameters drawn per independent random stream
@@ -614,8 +623,6 @@ def fill_standard_normal(buffer, seed):
     """Standard normals into a flat float32 buffer, block k from its own stream
     SeedSequence([seed, k]): the result does not depend on the thread count, and the
     blocks are drawn on every core (numpy's generators release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def fill(k):
         rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
         rng.standard_normal(out=buffer[k * INIT_BLOCK:(k + 1) * INIT_BLOCK], dtype=np.float32)
@@ -748,17 +755,16 @@ def gpt2_forward(model, inputs, targets=None):
 
     if targets is None:
         model.targets = None
-        model.mean_loss = None
         return None
     model.targets = np.ascontiguousarray(targets, dtype=np.int32).reshape(-1)
     if model.targets.shape != tokens.shape:
         raise UserError(f"targets have {model.targets.size} positions, inputs {tokens.size}")
     check_tokens(model.targets[model.targets != -1], V, "targets (-1 masks a position)")
     crossentropy_forward(a.losses, a.logsumexp, a.logits, model.targets, V)
-    num_valid = int(np.count_nonzero(model.targets >= 0))
-    model.num_valid_targets = num_valid
-    model.mean_loss = float(a.losses.sum(dtype=np.float64) / num_valid) if num_valid else 0.0
-    return model.mean_loss
+    model.num_valid_targets = int(np.count_nonzero(model.targets >= 0))
+    if model.num_valid_targets == 0:
+        return 0.0
+    return float(a.losses.sum(dtype=np.float64) / model.num_valid_targets)
 
 
 def gpt2_backward(model, accumulate=False, loss_scale=1.0):
@@ -858,7 +864,6 @@ class DataLoader:
     so a checkpoint can save it and resume exactly."""
 
     def __init__(self, pattern, B, T, vocab_size, shuffle=False, seed=0):
-        import glob
         paths = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
         if not paths:
             raise UserError(f"no token file matches {pattern!r} (run `make data`, or pass -i/-j)")
@@ -1045,31 +1050,28 @@ def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_sta
     total = len(prompt) + num_tokens
     if total > cfg.max_seq_len:
         raise UserError(f"prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceeds max_seq_len={cfg.max_seq_len}")
-    out = []
+    sequence = list(prompt)
     if use_kv_cache:
         cache = KVCache(cfg)
         for token in prompt[:-1]:
             gpt2_decode_step(model, cache, token)
-        logits = gpt2_decode_step(model, cache, prompt[-1])
+
+        def next_token_logits():  # feeds the newest token only
+            return gpt2_decode_step(model, cache, sequence[-1])
     else:
-        import copy
         scratch_model = copy.copy(model)  # shares the parameters, owns its activations
         scratch_model.B = scratch_model.T = 0
-        sequence = np.zeros((1, total), dtype=np.int32)
-        sequence[0, :len(prompt)] = prompt
-    for i in range(num_tokens):
-        if not use_kv_cache:
-            gpt2_forward(scratch_model, sequence)  # causal: positions past the end do not matter
-            logits = scratch_model.acts.logits[len(prompt) + i - 1]
+        padded = np.zeros((1, total), dtype=np.int32)
+
+        def next_token_logits():  # reruns everything; causal, so the padding does not matter
+            padded[0, :len(sequence)] = sequence
+            gpt2_forward(scratch_model, padded)
+            return scratch_model.acts.logits[len(sequence) - 1]
+    for _ in range(num_tokens):
+        logits = next_token_logits()
         coin, rng_state = random_f32(rng_state)
-        token = sample_from_logits(logits, cfg.vocab_size, temperature, top_k, coin)
-        out.append(token)
-        if use_kv_cache:
-            if i + 1 < num_tokens:
-                logits = gpt2_decode_step(model, cache, token)
-        else:
-            sequence[0, len(prompt) + i] = token
-    return out, rng_state
+        sequence.append(sample_from_logits(logits, cfg.vocab_size, temperature, top_k, coin))
+    return sequence[len(prompt):], rng_state
 
 
 # -----------------------------------------------------------------------------
@@ -1092,13 +1094,14 @@ class LayerProfile:
         self.calls = {}
         self.steps = 0
         self.depth = 0
+        self.active = True
         module = sys.modules[__name__]
         for name in PROFILED_LAYERS:
             setattr(module, name, self._wrap(name, getattr(module, name)))
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
-            if self.depth:  # inside another profiled layer: counted there
+            if self.depth or not self.active:  # inside another profiled layer: counted there
                 return fn(*args, **kwargs)
             self.depth += 1
             t0 = time.perf_counter()
@@ -1144,7 +1147,6 @@ SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 def read_safetensors(path):
     """name -> float32 array, from the safetensors layout: u64 header size, JSON, raw data."""
-    import json
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -1165,7 +1167,6 @@ def read_safetensors(path):
 
 
 def write_safetensors(path, tensors):
-    import json
     header, offset, chunks = {}, 0, []
     for name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype="<f4")
@@ -1203,10 +1204,9 @@ def gpt2_from_hf(path, num_heads=None):
         raise UserError(f"{path}: not a GPT-2 state dict (wte/wpe/h.N tensors missing)")
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if num_heads is None and os.path.isfile(config_path):
-        import json
         with open(config_path) as f:
             num_heads = json.load(f).get("n_head")
-    NH = num_heads or {768: 12, 1024: 16, 1280: 20, 1600: 25}.get(C, max(1, C // 64))
+    NH = num_heads or {c: h for h, c in GPT2_SIZES.values()}.get(C, max(1, C // 64))
     if C % NH:
         raise UserError(f"{path}: {NH} heads do not divide {C} channels (put n_head in config.json beside it)")
     model = GPT2(GPT2Config(maxT, V, padded_vocab(V), L, NH, C))
@@ -1246,7 +1246,6 @@ def checkpoint_paths(output_dir, step):
 
 
 def save_training_checkpoint(model, output_dir, step, extra, keep_last):
-    import json
     model_path, state_path = checkpoint_paths(output_dir, step)
     write_checkpoint(model, model_path)
     header = np.zeros(HEADER_INTS, dtype="<i4")
@@ -1259,7 +1258,6 @@ def save_training_checkpoint(model, output_dir, step, extra, keep_last):
             if os.path.exists(path):
                 os.remove(path)
     # leftovers of saves that were killed: temp files, and weights whose state never landed
-    import re
     for name in os.listdir(output_dir):
         match = re.fullmatch(r"(model|state)_(\d{8})\.bin(\.tmp\.\d+)?", name)
         if match and int(match.group(2)) < step and (match.group(3) or int(match.group(2)) not in steps):
@@ -1268,7 +1266,6 @@ def save_training_checkpoint(model, output_dir, step, extra, keep_last):
 
 
 def list_checkpoint_steps(output_dir):
-    import re
     steps = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = re.fullmatch(r"state_(\d{8})\.bin", name)
@@ -1280,8 +1277,7 @@ def list_checkpoint_steps(output_dir):
 def load_training_checkpoint(output_dir):
     """(model with optimizer state, extra dict) from the newest complete checkpoint; a
     damaged newest one is reported and the one before it used."""
-    import json
-    for step in sorted(list_checkpoint_steps(output_dir), reverse=True):
+    for step in reversed(list_checkpoint_steps(output_dir)):
         model_path, state_path = checkpoint_paths(output_dir, step)
         try:
             model = read_checkpoint(model_path)
@@ -1353,6 +1349,10 @@ def learning_rate(step, max_lr, total_steps, warmup_steps, schedule, final_lr_fr
     return max_lr + progress * (min_lr - max_lr)
 
 
+def perplexity(loss):
+    return math.exp(min(loss, 700.0))  # capped: exp overflows a float past 709
+
+
 def flops_per_token(cfg, T):
     """6N for the parameters plus 12*L*C*T for attention (nanoGPT's count)."""
     n = buffer_size(parameter_shapes(cfg)) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.channels
@@ -1400,7 +1400,6 @@ class JsonlLog:
         (train records past it, evals at or past it), since the resumed run logs them again."""
         if not self.path or not os.path.isfile(self.path):
             return
-        import json
         kept = []
         with open(self.path) as f:
             for line in f:
@@ -1414,7 +1413,6 @@ class JsonlLog:
 
     def write(self, **record):
         if self.path:
-            import json
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -1484,6 +1482,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.resume and not args.output_dir:
         p.error("--resume needs --output-dir")
+    if args.profile and args.device != "cpu":
+        p.error("--profile times the CPU layers; on CUDA use dev/cuda_check.py bench --profile")
     if args.total_batch_tokens and args.total_batch_tokens % (args.batch_size * args.seq_len):
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of B*T = {args.batch_size * args.seq_len}")
     return args
@@ -1540,26 +1540,25 @@ def main(argv=None):
         def forward(x, y):
             gcu.gpt2_forward_cuda(dm, x, y)
             return gcu.mean_loss_cuda(dm)
-        train_forward = forward
         backward = lambda accumulate, scale: gcu.gpt2_backward_cuda(dm, accumulate, scale)  # noqa: E731
         update = lambda *a: gcu.read_norm(gcu.gpt2_update_cuda(dm, *a))  # noqa: E731
+        params_to_host = lambda: gcu.params_to_host(dm, model)  # noqa: E731 (for sampling and exports)
 
-        def sync_to_host():
-            gcu.params_to_host(dm, model)
+        def training_state_to_host():  # for checkpoints
+            params_to_host()
             model.m_memory, model.v_memory = gcu.optimizer_state_to_host(dm)
             model.step = dm.step
     else:
         forward = lambda x, y: gpt2_forward(model, x, y)  # noqa: E731
-        train_forward = forward
         backward = lambda accumulate, scale: gpt2_backward(model, accumulate, scale)  # noqa: E731
         update = lambda *a: gpt2_update(model, *a)  # noqa: E731
-        sync_to_host = lambda: None  # noqa: E731
+        params_to_host = training_state_to_host = lambda: None  # noqa: E731 (the host model is the model)
 
     if args.eval_only:
         if val_loader is None:
             raise UserError("--eval-only needs validation data (-j)")
         loss = evaluate(forward, val_loader, args.val_batches)
-        print(f"val loss {loss:.6f} | perplexity {math.exp(min(loss, 700)):.3f}")
+        print(f"val loss {loss:.6f} | perplexity {perplexity(loss):.3f}")
         export_hf(model, args.export_hf)
         return 0
 
@@ -1594,13 +1593,12 @@ def main(argv=None):
 
     profile = LayerProfile() if args.profile else None
     interrupted = []
-    import signal
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
 
     def checkpoint(step):
         if not args.output_dir:
             return
-        sync_to_host()
+        training_state_to_host()
         path = save_training_checkpoint(model, args.output_dir, step,
                                         {"loader": train_loader.state(), "rng_state": rng_state, "B": B, "T": T,
                                          "accum_steps": accum_steps, "seed": args.seed}, args.keep_checkpoints)
@@ -1612,26 +1610,29 @@ def main(argv=None):
             last = step == args.steps
             if val_loader and args.val_every > 0 and (step % args.val_every == 0 or last):
                 val_loss = evaluate(forward, val_loader, args.val_batches)
-                print(f"val loss {val_loss:.6f} | perplexity {math.exp(min(val_loss, 700)):.2f}")
-                log.write(type="val", step=step, loss=val_loss, perplexity=math.exp(min(val_loss, 700)))
+                print(f"val loss {val_loss:.6f} | perplexity {perplexity(val_loss):.2f}")
+                log.write(type="val", step=step, loss=val_loss, perplexity=perplexity(val_loss))
             if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
-                sync_to_host()
+                params_to_host()
                 tokens, rng_state = generate(model, [start_token(cfg)], min(args.gen_tokens, cfg.max_seq_len - 1),
                                              rng_state=rng_state)
                 print("generating:\n---\n" + decode(tokenizer, tokens) + "\n---")
             if last:
                 break
             t0 = time.perf_counter()
+            if profile:
+                profile.active = True  # the training step only, not evals or samples
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule, args.final_lr_frac)
             loss = 0.0
             for micro in range(accum_steps):
                 x, y = train_loader.next_batch()
-                loss += train_forward(x, y) / accum_steps
+                loss += forward(x, y) / accum_steps
                 backward(micro > 0, 1.0 / accum_steps)
             norm = float(update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.weight_decay_mode,
                                 args.grad_clip))
             seconds = time.perf_counter() - t0
             if profile:
+                profile.active = False
                 profile.steps += 1
                 if len(step_times) == 0:
                     profile.reset()  # the first step pays one-time costs: profile the rest
@@ -1661,7 +1662,7 @@ def main(argv=None):
         print(f"time per layer kind, averaged over steps 2..{len(step_times)}:")
         print(profile.table(sum(step_times[1:])))
     if args.export_hf:
-        sync_to_host()
+        params_to_host()
         export_hf(model, args.export_hf)
     return 0
 
