@@ -190,10 +190,31 @@ else:
 # Kernels, forward
 
 
+@cuda.jit(device=True)
+def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols):
+    # the end of both layernorm kernels: this lane's partial sum s of row ii of x (the
+    # row that block row threadIdx.y owns) -> mean, rstd and ln[ii]; float32 statistics,
+    # as the CPU computes them
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    C = x.shape[1]
+    m = warp_sum(s, sh, ty) / float32(C)
+    v = F0
+    for c in range(lane, ncols, LANES):
+        d = x[ii, c] - m
+        v += d * d
+    v = warp_sum(v, sh, ty) / float32(C)
+    rs = ONE / math.sqrt(v + EPS)
+    for c in range(lane, ncols, LANES):
+        ln[ii, c] = (x[ii, c] - m) * rs * w[c] + b[c]
+    if lane == 0 and i < N:
+        mean[ii] = m
+        rstd[ii] = rs
+
+
 @cuda.jit(**JIT)
 def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
-    # encoded[i] = wte[token] + wpe[i % T], then ln = layernorm(encoded): one warp per row.
-    # float32 statistics, as the CPU computes them
+    # encoded[i] = wte[token] + wpe[i % T], then ln = layernorm(encoded): one warp per row
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -208,18 +229,7 @@ def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
         x = wte[tok, c] + wpe[t, c]
         encoded[ii, c] = x
         s += x
-    m = warp_sum(s, sh, ty) / float32(C)
-    v = F0
-    for c in range(lane, ncols, LANES):
-        d = encoded[ii, c] - m
-        v += d * d
-    v = warp_sum(v, sh, ty) / float32(C)
-    rs = ONE / math.sqrt(v + EPS)
-    for c in range(lane, ncols, LANES):
-        ln[ii, c] = (encoded[ii, c] - m) * rs * w[c] + b[c]
-    if lane == 0 and i < N:
-        mean[ii] = m
-        rstd[ii] = rs
+    layernorm_row(encoded, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
 
 
 @cuda.jit(**JIT)
@@ -240,18 +250,7 @@ def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
             x = (x + bias[c]) + prev[ii, c]
             res[ii, c] = x
         s += x
-    m = warp_sum(s, sh, ty) / float32(C)
-    v = F0
-    for c in range(lane, ncols, LANES):
-        d = res[ii, c] - m
-        v += d * d
-    v = warp_sum(v, sh, ty) / float32(C)
-    rs = ONE / math.sqrt(v + EPS)
-    for c in range(lane, ncols, LANES):
-        ln[ii, c] = (res[ii, c] - m) * rs * w[c] + b[c]
-    if lane == 0 and i < N:
-        mean[ii] = m
-        rstd[ii] = rs
+    layernorm_row(res, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
 
 
 @cuda.jit(**JIT)
@@ -1068,7 +1067,7 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers
     cfg = model.cfg
     if T > cfg.max_seq_len or B <= 0 or T <= 0:
         raise ValueError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
-    C, L, NH, Vp, V = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.padded_vocab_size, cfg.vocab_size
+    C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
     if C % NH:
         raise ValueError(f"channels {C} not divisible by heads {NH}")
     BT, hs = B * T, C // NH
