@@ -1,6 +1,10 @@
 # GPT-2 in Python with Numba, llm.c style. `make help` lists the targets.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# Every target runs in a virtual environment: the active one ($$VIRTUAL_ENV), else the
+# project's own .venv, made on first use (a system Python may refuse pip installs).
+VENV ?= $(or $(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+BOOTSTRAP_PYTHON ?= python3
 # Offline copies of tinyshakespeare.txt and gpt2.tiktoken: ../shared/data when it exists.
 DATA_MIRROR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export DATA_MIRROR
@@ -12,17 +16,22 @@ REFERENCE := data/gpt2_124M.bin data/gpt2_124M_debug_state.bin
 # numpy's current OpenBLAS runs about 1.7x faster on this CPU without the pin.
 NO_BLAS_PIN := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
-.PHONY: help install install-test data train test pytest parity reference bench profile plot addition gpu-check clean
+.PHONY: help venv install install-test data train test pytest parity reference bench profile plot addition gpu-check clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install:  ## install the run-time packages (requirements.txt) if missing
+$(PYTHON):
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+
+venv: $(PYTHON)  ## create the virtual environment .venv (unless one is active)
+
+install: $(PYTHON)  ## install the run-time packages (requirements.txt) into the environment if missing
 	@$(PYTHON) -c "import numpy, numba, tiktoken, requests, tqdm, matplotlib; assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 5)" 2>/dev/null \
 		|| $(PIP) install -q -r requirements.txt
 
-install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU)
-	@$(PYTHON) -c "import pytest, torch" 2>/dev/null || $(PIP) install -q -r requirements-test.txt
+install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU, transformers, mpi4py)
+	@$(PYTHON) -c "import pytest, torch, transformers, safetensors, mpi4py" 2>/dev/null || $(PIP) install -q -r requirements-test.txt
 
 data: install  ## tokenize tinyshakespeare into data/tinyshakespeare/*.bin
 	$(PYTHON) prepro_tinyshakespeare.py
@@ -57,5 +66,5 @@ addition: install  ## the masked-loss example: learn a+b=c, then report accuracy
 gpu-check:  ## on an NVIDIA machine: CUDA parity and benchmark (dev/gpu_check.sh)
 	bash dev/gpu_check.sh
 
-clean:  ## remove Python and Numba caches (keeps data/)
+clean:  ## remove Python and Numba caches (keeps data/ and .venv)
 	rm -rf __pycache__ */__pycache__ .pytest_cache

@@ -56,9 +56,10 @@ class UserError(Exception):
 
 
 def read_header(f, path, magic, versions):
-    header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
-    if header.size != HEADER_INTS:
-        raise UserError(f"{path}: file too short for a {HEADER_INTS * 4}-byte header")
+    raw = f.read(HEADER_INTS * 4)
+    if len(raw) != HEADER_INTS * 4:
+        raise UserError(f"{path}: file too short for a {HEADER_INTS * 4}-byte header (not an llm.c file)")
+    header = np.frombuffer(raw, dtype="<i4")
     if header[0] != magic:
         raise UserError(f"{path}: bad magic number {header[0]} (expected {magic})")
     if header[1] not in versions:
@@ -1131,7 +1132,9 @@ class LayerProfile:
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face interop: GPT-2 weights from/to model.safetensors (or pytorch_model.bin)
+# Hugging Face interop: GPT-2 weights from/to a transformers folder (config.json,
+# model.safetensors or pytorch_model.bin), as save_pretrained writes and
+# GPT2LMHeadModel.from_pretrained reads.
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_LAYER_NAMES = [  # (our tensor, HF name within block i)
@@ -1142,7 +1145,13 @@ HF_LAYER_NAMES = [  # (our tensor, HF name within block i)
     ("fcw", "mlp.c_fc.weight"), ("fcb", "mlp.c_fc.bias"),
     ("fcprojw", "mlp.c_proj.weight"), ("fcprojb", "mlp.c_proj.bias"),
 ]
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+def bfloat16_to_float32(bits):
+    """bfloat16 is the top half of a float32: widen the uint16 bit patterns exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def read_safetensors(path):
@@ -1152,22 +1161,26 @@ def read_safetensors(path):
     try:
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + n])
-    except (ValueError, UnicodeDecodeError):
+        assert isinstance(header, dict) and len(raw) >= 8 + n
+    except (ValueError, UnicodeDecodeError, AssertionError):
         raise UserError(f"{path}: not a safetensors file")
     tensors, data = {}, memoryview(raw)[8 + n:]
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')} (F32, F16, BF16, F64 are read)")
         start, end = info["data_offsets"]
-        array = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        tensors[name] = array.astype(np.float32)
+        try:
+            array = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except ValueError:
+            raise UserError(f"{path}: tensor {name}: its bytes do not hold shape {info['shape']} (truncated or corrupt)")
+        tensors[name] = bfloat16_to_float32(array) if info["dtype"] == "BF16" else array.astype(np.float32)
     return tensors
 
 
 def write_safetensors(path, tensors):
-    header, offset, chunks = {}, 0, []
+    header, offset, chunks = {"__metadata__": {"format": "pt"}}, 0, []
     for name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype="<f4")
         header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
@@ -1178,38 +1191,82 @@ def write_safetensors(path, tensors):
     write_file_atomic(path, [len(blob).to_bytes(8, "little"), blob] + chunks)
 
 
-def read_hf_state_dict(path):
+def read_hf_weights(path):
+    """The state dict of a weights file: model.safetensors, a sharded safetensors index,
+    or pytorch_model.bin (which needs PyTorch)."""
+    if path.endswith(".index.json"):
+        with open(path) as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
+        return tensors
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     try:
         import torch
     except ImportError:
         raise UserError(f"{path}: reading pytorch_model.bin needs PyTorch; convert it to model.safetensors instead")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a PyTorch state dict ({type(e).__name__})")
     return {k: v.float().numpy() for k, v in state.items()}
 
 
+def hf_shapes(cfg):
+    """HF name -> shape of every GPT-2 tensor we read or write (Conv1D weights are (in, out))."""
+    C, V, maxT = cfg.channels, cfg.vocab_size, cfg.max_seq_len
+    ours = dict(parameter_shapes(cfg))
+    shapes = {"wte.weight": (V, C), "wpe.weight": (maxT, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for l in range(cfg.num_layers):
+        for name, theirs in HF_LAYER_NAMES:
+            shape = ours[name][1:]
+            shapes[f"h.{l}.{theirs}"] = shape[::-1] if theirs in HF_CONV1D else shape
+    return shapes
+
+
 def gpt2_from_hf(path, num_heads=None):
-    """A model from Hugging Face GPT-2 weights; Conv1D (in, out) weights are transposed.
-    The head count comes from num_heads, else n_head in a config.json beside the file,
-    else GPT-2's sizes (12 heads at 768 channels, ...)."""
-    if not os.path.isfile(path):
+    """A model from Hugging Face GPT-2 weights: a folder (config.json and weights, as
+    save_pretrained writes), or a weights file (n_head from a config.json beside it, else
+    GPT-2's sizes). Conv1D (in, out) weights are transposed; every tensor's presence and
+    shape is checked."""
+    if os.path.isdir(path):
+        found = [os.path.join(path, name) for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise UserError(f"{path}: no {', '.join(HF_WEIGHT_FILES)} in this folder")
+        weights_path, folder = found[0], path
+    elif os.path.isfile(path):
+        weights_path, folder = path, os.path.dirname(os.path.abspath(path))
+    else:
         raise UserError(f"weights file not found: {path}")
-    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in read_hf_state_dict(path).items()}
-    try:
-        V, C = sd["wte.weight"].shape
-        maxT = sd["wpe.weight"].shape[0]
-        L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
-    except (KeyError, ValueError):
-        raise UserError(f"{path}: not a GPT-2 state dict (wte/wpe/h.N tensors missing)")
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if num_heads is None and os.path.isfile(config_path):
-        with open(config_path) as f:
-            num_heads = json.load(f).get("n_head")
-    NH = num_heads or {c: h for h, c in GPT2_SIZES.values()}.get(C, max(1, C // 64))
+    hf_config = {}
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                hf_config = json.load(f)
+        except ValueError:
+            raise UserError(f"{os.path.join(folder, 'config.json')}: not valid JSON")
+    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v
+          for k, v in read_hf_weights(weights_path).items()}
+    if "wte.weight" not in sd or "wpe.weight" not in sd or sd["wte.weight"].ndim != 2 or sd["wpe.weight"].ndim != 2:
+        raise UserError(f"{weights_path}: not a GPT-2 state dict (wte.weight / wpe.weight missing)")
+    V, C = sd["wte.weight"].shape
+    maxT = sd["wpe.weight"].shape[0]
+    L = 1 + max((int(k.split(".")[1]) for k in sd if re.match(r"h\.\d+\.", k)), default=-1)
+    for key, value in (("vocab_size", V), ("n_embd", C), ("n_positions", maxT), ("n_layer", L)):
+        if hf_config.get(key, value) != value:
+            raise UserError(f"{weights_path}: config.json says {key}={hf_config[key]}, the tensors say {value}")
+    NH = num_heads or hf_config.get("n_head") or {c: h for h, c in GPT2_SIZES.values()}.get(C, max(1, C // 64))
     if C % NH:
-        raise UserError(f"{path}: {NH} heads do not divide {C} channels (put n_head in config.json beside it)")
-    model = GPT2(GPT2Config(maxT, V, padded_vocab(V), L, NH, C))
+        raise UserError(f"{weights_path}: {NH} heads do not divide {C} channels (put n_head in config.json beside it)")
+    cfg = GPT2Config(maxT, V, padded_vocab(V), L, NH, C)
+    for name, shape in hf_shapes(cfg).items():
+        if name not in sd:
+            raise UserError(f"{weights_path}: tensor {name} is missing (a GPT-2 with {L} layers, {C} channels needs it)")
+        if sd[name].shape != shape:
+            raise UserError(f"{weights_path}: tensor {name} has shape {list(sd[name].shape)}, expected {list(shape)}")
+    model = GPT2(cfg)
     p = model.params
     p.wte[:V] = sd["wte.weight"]
     p.wpe[...] = sd["wpe.weight"]
@@ -1222,8 +1279,23 @@ def gpt2_from_hf(path, num_heads=None):
     return model
 
 
+def hf_config(cfg):
+    """config.json of a transformers GPT-2 (GPT2LMHeadModel, tied embeddings, no dropout)."""
+    eot = start_token(cfg)
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_embd": cfg.channels,
+            "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
+            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32"}
+
+
 def write_hf(model, path):
-    """Write Hugging Face GPT-2 naming (Conv1D layout, unpadded vocab) as safetensors."""
+    """A Hugging Face GPT-2 folder: model.safetensors (save_pretrained's names, Conv1D
+    layout, unpadded vocab), config.json and generation_config.json. A path ending in
+    .safetensors names the weights file; the JSON files go beside it."""
+    folder = os.path.dirname(os.path.abspath(path)) if path.endswith(".safetensors") else path
+    weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "model.safetensors")
     cfg, p = model.cfg, model.params
     tensors = {"wte.weight": p.wte[:cfg.vocab_size], "wpe.weight": p.wpe}
     for l in range(cfg.num_layers):
@@ -1231,7 +1303,12 @@ def write_hf(model, path):
             tensor = getattr(p, ours)[l]
             tensors[f"h.{l}.{theirs}"] = tensor.T if theirs in HF_CONV1D else tensor
     tensors["ln_f.weight"], tensors["ln_f.bias"] = p.lnfw, p.lnfb
-    write_safetensors(path, tensors)
+    write_safetensors(weights_path, {"transformer." + name: tensor for name, tensor in tensors.items()})
+    config = hf_config(cfg)
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    for name, content in (("config.json", config), ("generation_config.json", generation)):
+        write_file_atomic(os.path.join(folder, name), [json.dumps(content, indent=2).encode() + b"\n"])
+    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -1383,12 +1460,22 @@ def evaluate(forward, loader, max_batches):
 
 
 def load_model(init, seed, vocab_size=50257):
-    """--init: 'dN' (from scratch), an llm.c checkpoint, or Hugging Face weights."""
-    if init.endswith((".safetensors", "pytorch_model.bin")):
+    """--init: 'dN' (from scratch), an llm.c checkpoint, or Hugging Face weights (a folder
+    or a weights file). A file is told by its first bytes, never by its name."""
+    if os.path.isdir(init):
         return gpt2_from_hf(init)
-    if os.path.exists(init) or init.endswith(".bin"):
+    if not os.path.exists(init):
+        if not re.search(r"[./\\]", init):  # not path-like: a descriptor such as d12 (or a bad one)
+            return gpt2_init_random(config_from_depth(init, vocab_size), seed)
+        raise UserError(f"--init {init}: checkpoint not found (no such file or folder, and not a dN descriptor such as d12)")
+    with open(init, "rb") as f:
+        head = f.read(9)
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") == CHECKPOINT_MAGIC:
         return read_checkpoint(init)
-    return gpt2_init_random(config_from_depth(init, vocab_size), seed)
+    if head[:2] == b"PK" or (len(head) == 9 and head[8:9] == b"{"):  # a torch zip, or safetensors' JSON header
+        return gpt2_from_hf(init)
+    raise UserError(f"{init}: not a model file: expected an llm.c checkpoint (magic {CHECKPOINT_MAGIC}), "
+                    "a Hugging Face model.safetensors / pytorch_model.bin, or a folder holding one")
 
 
 class JsonlLog:
@@ -1429,7 +1516,7 @@ def parse_args(argv):
                    help="validation token file(s); '' for none")
     g.add_argument("-e", "--init", default="d12",
                    help="model: dN from scratch (d12 = GPT-2 124M), an llm.c .bin checkpoint, or Hugging Face "
-                        "model.safetensors / pytorch_model.bin")
+                        "weights: a save_pretrained folder, model.safetensors (F32/F16/BF16) or pytorch_model.bin")
     g.add_argument("-o", "--output-dir", default=None, help="checkpoints and log.jsonl go here (none: not written)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
@@ -1475,7 +1562,9 @@ def parse_args(argv):
     g.add_argument("--no-kv-cache", action="store_true", help="--sample: recompute the whole sequence per token")
     g.add_argument("--compare-kv-cache", action="store_true", help="--sample: time generation with and without the cache")
     g.add_argument("--export-hf", metavar="PATH", default=None,
-                   help="write the final (or --init) model as Hugging Face GPT-2 model.safetensors")
+                   help="write the final (or --init) model as a Hugging Face GPT-2 folder (model.safetensors, "
+                        "config.json, generation_config.json) that transformers' from_pretrained loads; a path "
+                        "ending in .safetensors names the weights file, the JSON files go beside it")
     args = p.parse_args(argv)
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) <= 0:
@@ -1669,8 +1758,9 @@ def main(argv=None):
 
 def export_hf(model, path):
     if path:
-        write_hf(model, path)
-        print(f"wrote {path} (Hugging Face GPT-2 layout)")
+        folder = write_hf(model, path)
+        print(f"wrote {path} (a Hugging Face GPT-2 folder: {folder} holds the weights, config.json, "
+              "generation_config.json)")
 
 
 def cli(argv=None):
