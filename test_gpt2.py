@@ -20,10 +20,10 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
+import gpt2_common as common
 import train_gpt2 as gpt
 
 REL_TOL = {"logits": 2e-5, "loss": 1e-6, "grad": 2e-5, "step_loss": 1e-4}
@@ -34,16 +34,16 @@ TF32_LOOSENING = 30.0  # --tf32 multiplies the tolerances: TF32 matmuls carry ~1
 def read_debug_state(path, cfg):
     """x, y (B, T) int32, logits (B*T, V), loss, grads (flat, checkpoint layout)."""
     if not os.path.isfile(path):
-        raise gpt.UserError(f"debug state not found: {path} (run `make reference`)")
+        raise common.UserError(f"debug state not found: {path} (run `make reference`)")
     with open(path, "rb") as f:
-        header = gpt.read_header(f, path, gpt.STATE_MAGIC, (gpt.STATE_VERSION,))
+        header = common.read_header(f, path, common.STATE_MAGIC, (common.STATE_VERSION,))
         B, T = int(header[2]), int(header[3])
         V = cfg.vocab_size
-        num_parameters = gpt.buffer_size(gpt.parameter_shapes(cfg))
-        expected = gpt.HEADER_INTS * 4 + 4 * (2 * B * T + B * T * V + 1 + num_parameters)
+        num_parameters = common.buffer_size(common.parameter_shapes(cfg))
+        expected = common.HEADER_INTS * 4 + 4 * (2 * B * T + B * T * V + 1 + num_parameters)
         actual = os.path.getsize(path)
         if B <= 0 or T <= 0 or actual != expected:
-            raise gpt.UserError(f"{path}: size {actual} bytes, but B={B}, T={T} and the checkpoint's model need {expected}: "
+            raise common.UserError(f"{path}: size {actual} bytes, but B={B}, T={T} and the checkpoint's model need {expected}: "
                                 "wrong pair of files, or a truncated one")
         x = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
         y = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
@@ -62,7 +62,7 @@ def read_recipe(state_path):
             recipe = json.load(f)
         recipe["optimizer"]["lr"], recipe["losses"][0]
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise gpt.UserError(f"{path}: not a valid recipe sidecar ({e})")
+        raise common.UserError(f"{path}: not a valid recipe sidecar ({e})")
     return recipe
 
 
@@ -89,50 +89,26 @@ class Report:
             self.failures.append(name)
 
 
-def device_ops(model, B, T, device, tf32):
-    """forward(x, y) -> loss, backward(), update(**recipe), logits() and grads() as host
-    arrays: the same five operations on the CPU module or the CUDA one."""
-    if device == "cpu":
-        return SimpleNamespace(
-            forward=lambda x, y: gpt.gpt2_forward(model, x, y),
-            backward=lambda: gpt.gpt2_backward(model),
-            update=lambda **opt: gpt.gpt2_update(model, **opt),
-            logits=lambda: model.acts.logits,
-            grads=lambda: model.grads_memory)
-    import train_gpt2_cuda as gcu
-    dm = gcu.to_device(model, B, T, tf32=tf32)
-
-    def forward(x, y):
-        gcu.gpt2_forward_cuda(dm, x, y)
-        return gcu.mean_loss_cuda(dm)
-    return SimpleNamespace(
-        forward=forward,
-        backward=lambda: gcu.gpt2_backward_cuda(dm),
-        update=lambda **opt: gcu.gpt2_update_cuda(dm, **opt),
-        logits=lambda: gcu.logits_to_host(dm),
-        grads=lambda: gcu.grads_to_host(dm))
-
-
-def run_check(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, device, tf32):
-    V = model.cfg.vocab_size
-    ops = device_ops(model, x.shape[0], x.shape[1], device, tf32)
-    loss = ops.forward(x, y)
-    report.compare("logits", "logits", ops.logits()[:, :V], ref_logits)
+def run_check(device, cfg, x, y, recipe, report, ref_logits, ref_loss, ref_grads):
+    """Step 0's logits, loss and gradients, then the recipe's steps, through the device
+    interface that training uses (train_gpt2.CPU or train_gpt2_cuda.CUDA)."""
+    V = cfg.vocab_size
+    loss = device.forward(x, y)
+    report.compare("logits", "logits", device.logits_to_host()[:, :V], ref_logits)
     report.compare("loss", "loss", loss, ref_loss)
-    ops.backward()
-    grads = ops.grads()
-    for name, start, end in gpt.parameter_offsets(model.cfg):
+    device.backward()
+    grads = device.grads_to_host()
+    for name, start, end in common.parameter_offsets(cfg):
         report.compare(f"grad {name}", "grad", grads[start:end], ref_grads[start:end])
     if recipe is None:
         return
     opt = recipe["optimizer"]
     losses = [loss]
     for step in range(1, len(recipe["losses"])):
-        ops.update(lr=opt["lr"], beta1=opt["beta1"], beta2=opt["beta2"], eps=opt["eps"],
-                   weight_decay=opt["weight_decay"], weight_decay_mode=opt["weight_decay_mode"],
-                   grad_clip=opt["grad_clip"])
-        losses.append(ops.forward(x, y))
-        ops.backward()
+        device.update(opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"], opt["weight_decay_mode"],
+                      opt["grad_clip"])
+        losses.append(device.forward(x, y))
+        device.backward()
     compare_step_losses(report, losses, recipe["losses"])
 
 
@@ -158,25 +134,24 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         if args.device == "cuda":
-            import train_gpt2_cuda as gcu
-            if not gcu.cuda_available():
-                raise gpt.UserError("--device cuda: no CUDA GPU found (is numba-cuda installed and a driver present?)")
-        model = gpt.read_checkpoint(args.checkpoint)
+            gpt.check_device("cuda")  # before any output
+        model = common.read_checkpoint(args.checkpoint)
         cfg = model.cfg
         x, y, ref_logits, ref_loss, ref_grads = read_debug_state(args.state, cfg)
-        gpt.check_tokens(x, cfg.vocab_size, f"{args.state} inputs")
-        gpt.check_tokens(y, cfg.vocab_size, f"{args.state} targets")
+        common.check_tokens(x, cfg.vocab_size, f"{args.state} inputs")
+        common.check_tokens(y, cfg.vocab_size, f"{args.state} targets")
         if x.shape[1] > cfg.max_seq_len:
-            raise gpt.UserError(f"{args.state}: T={x.shape[1]} exceeds the checkpoint's max_seq_len={cfg.max_seq_len}")
+            raise common.UserError(f"{args.state}: T={x.shape[1]} exceeds the checkpoint's max_seq_len={cfg.max_seq_len}")
         recipe = read_recipe(args.state)
+        device = gpt.build_device(args.device, model, x.shape[0], x.shape[1], tf32=args.tf32)
         print(f"model: L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} V={cfg.vocab_size} Vp={cfg.padded_vocab_size} "
               f"({model.num_parameters:,} parameters); batch B={x.shape[0]} T={x.shape[1]}; device {args.device}"
               f"{' (TF32)' if args.tf32 else ''}")
         print("recipe: " + (json.dumps(recipe["optimizer"]) + f", {len(recipe['losses'])} steps" if recipe
                             else "none (plain llm.c state): checking step 0 only"))
         report = Report(TF32_LOOSENING if args.tf32 else 1.0)
-        run_check(model, x, y, recipe, report, ref_logits, ref_loss, ref_grads, args.device, args.tf32)
-    except gpt.UserError as e:
+        run_check(device, cfg, x, y, recipe, report, ref_logits, ref_loss, ref_grads)
+    except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0

@@ -14,190 +14,37 @@ update), data, sampling, the training loop.
 
 import argparse
 import copy
-import glob
 import json
 import math
-import mmap
 import os
-import re
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from types import SimpleNamespace
+import zlib
 
 # Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores; threads
 # that spin-wait after a parallel region would slow the other library's next call.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import distributed  # noqa: E402
+from distributed import SINGLE, shard_range  # noqa: E402
+
+distributed.share_cores()  # processes of a data-parallel run split the cores: before numpy sizes its BLAS pool
+
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
+
+from gpt2_common import (  # noqa: E402  (shapes, formats, data, errors: what the CUDA target shares)
+    GELU_CUBE, GELU_SCALE, MATRIX_PARAMETERS, DataLoader, Device, UserError, activation_grad_shapes,
+    activation_shapes, buffer_size, check_tokens, decode, encode_prompt, ensure_gradients, ensure_optimizer_buffers,
+    list_checkpoint_steps, load_model, load_training_checkpoint, parameter_offsets, parameter_shapes,
+    read_tokenizer, save_training_checkpoint, slice_views, start_token, write_file_atomic, write_hf, zeros_f32)
 
 # Numba may reorder float additions (so reductions vectorize), and nothing more: no
 # finite-math flags (the attention mask and GELU need inf semantics), and no
 # "contract"/"nsz", which made freshly JIT-compiled code round differently from the
 # same functions loaded from Numba's cache, breaking bit-exact resume.
 FASTMATH = {"reassoc"}
-
-# -----------------------------------------------------------------------------
-# File formats shared with llm.c. Each file starts with 256 little-endian int32.
-
-HEADER_INTS = 256
-CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3
-STATE_MAGIC, STATE_VERSION = 20240327, 2
-TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
-TOKENIZER_MAGIC = 20240328
-EOT_TOKEN = 50256
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 1."""
-
-
-def read_header(f, path, magic, versions):
-    raw = f.read(HEADER_INTS * 4)
-    if len(raw) != HEADER_INTS * 4:
-        raise UserError(f"{path}: file too short for a {HEADER_INTS * 4}-byte header (not an llm.c file)")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != magic:
-        raise UserError(f"{path}: bad magic number {header[0]} (expected {magic})")
-    if header[1] not in versions:
-        raise UserError(f"{path}: unsupported version {header[1]} (expected {' or '.join(map(str, versions))})")
-    return header
-
-
-def write_file_atomic(path, chunks):
-    """Write byte chunks to path through a temp file, fsync and rename: a crash never
-    leaves a half-written file where a good one was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            for chunk in chunks:
-                f.write(memoryview(chunk).cast("B") if isinstance(chunk, np.ndarray) else chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# -----------------------------------------------------------------------------
-# Model shape, and the layout of the parameter and activation buffers
-
-
-@dataclass(frozen=True)
-class GPT2Config:
-    max_seq_len: int = 1024
-    vocab_size: int = 50257
-    padded_vocab_size: int = 50304
-    num_layers: int = 12
-    num_heads: int = 12
-    channels: int = 768
-
-
-def padded_vocab(vocab_size):
-    return ((vocab_size + 127) // 128) * 128
-
-
-GPT2_SIZES = {12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}  # depth: (heads, channels)
-
-
-def config_from_depth(descriptor, vocab_size=50257, max_seq_len=1024):
-    """'d12' is GPT-2 124M, 'd24' 350M, 'd36' 774M, 'd48' 1558M; any other 'dN' has
-    N layers, N heads and 64*N channels."""
-    if not (descriptor.startswith("d") and descriptor[1:].isdigit() and int(descriptor[1:]) > 0):
-        raise UserError(f"bad model descriptor {descriptor!r}: expected d12, d24, d6, ... or a checkpoint file")
-    depth = int(descriptor[1:])
-    heads, channels = GPT2_SIZES.get(depth, (depth, 64 * depth))
-    return GPT2Config(max_seq_len, vocab_size, padded_vocab(vocab_size), depth, heads, channels)
-
-
-def parameter_shapes(cfg):
-    """The 16 parameter tensors in llm.c checkpoint order; weights are (out, in)."""
-    C, L, Vp, maxT = cfg.channels, cfg.num_layers, cfg.padded_vocab_size, cfg.max_seq_len
-    return [
-        ("wte", (Vp, C)), ("wpe", (maxT, C)),
-        ("ln1w", (L, C)), ("ln1b", (L, C)),
-        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
-        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
-        ("ln2w", (L, C)), ("ln2b", (L, C)),
-        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
-        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
-        ("lnfw", (C,)), ("lnfb", (C,)),
-    ]
-
-
-MATRIX_PARAMETERS = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}  # weight decay applies to these
-
-
-def activation_shapes(cfg, B, T):
-    """Everything the forward pass writes and the backward pass reads, per layer.
-    Rows are the B*T token positions, so every matmul sees a plain 2-D view."""
-    C, L, NH, Vp, BT = cfg.channels, cfg.num_layers, cfg.num_heads, cfg.padded_vocab_size, B * T
-    return [
-        ("encoded", (BT, C)),
-        ("ln1", (L, BT, C)), ("ln1_mean", (L, BT)), ("ln1_rstd", (L, BT)),
-        ("qkv", (L, BT, 3 * C)),
-        ("att", (L, B, NH, T, T)),       # softmax of the causal attention scores
-        ("atty", (L, BT, C)),            # attention output, heads side by side
-        ("residual2", (L, BT, C)),       # residual + attention projection
-        ("ln2", (L, BT, C)), ("ln2_mean", (L, BT)), ("ln2_rstd", (L, BT)),
-        ("fch", (L, BT, 4 * C)),         # MLP hidden, before GELU
-        ("fch_gelu", (L, BT, 4 * C)),
-        ("residual3", (L, BT, C)),       # residual2 + MLP projection
-        ("lnf", (BT, C)), ("lnf_mean", (BT,)), ("lnf_rstd", (BT,)),
-        ("logits", (BT, Vp)),            # becomes dlogits in place during backward
-        ("logsumexp", (BT,)),            # per position, kept for the fused classifier backward
-        ("losses", (BT,)),
-    ]
-
-
-def activation_grad_shapes(cfg, B, T):
-    """Backward scratch: the residual stream's gradient plus one buffer per width,
-    reused by every layer (backward never needs a layer's activation gradients again)."""
-    C, BT = cfg.channels, B * T
-    return [
-        ("dresidual", (BT, C)),
-        ("dC", (BT, C)),
-        ("d3C", (BT, 3 * C)),
-        ("d4C", (BT, 4 * C)),
-        ("gemm_scratch", (max(4 * C * C, BT * C),)),  # for accumulating weight gradients
-    ]
-
-
-def buffer_size(shapes):
-    return sum(int(np.prod(shape)) for _, shape in shapes)
-
-
-def tensor_offsets(shapes):
-    """(name, shape, start, end) of each tensor laid out back to back in a flat buffer."""
-    out, offset = [], 0
-    for name, shape in shapes:
-        n = int(np.prod(shape))
-        out.append((name, shape, offset, offset + n))
-        offset += n
-    return out
-
-
-def slice_views(buffer, shapes):
-    """Named views into one flat buffer, in order."""
-    layout = tensor_offsets(shapes)
-    assert layout[-1][3] == buffer.size
-    return SimpleNamespace(**{name: buffer[start:end].reshape(shape) for name, shape, start, end in layout})
-
-
-def parameter_offsets(cfg):
-    """(name, start, end) of each parameter tensor in the flat buffer."""
-    return [(name, start, end) for name, _, start, end in tensor_offsets(parameter_shapes(cfg))]
 
 
 # -----------------------------------------------------------------------------
@@ -429,8 +276,6 @@ def attention_backward(dqkv, dout, qkv, att, B, T, NH):
                     dk[i] += dpre * q[i]
 
 
-GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
-GELU_CUBE = np.float32(0.044715)
 TANH_CLAMP = np.float32(7.90531110763549805)  # beyond this, tanh is +-1 in float32
 TANH_P = [np.float32(c) for c in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
                                    5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13,
@@ -588,102 +433,6 @@ def adamw_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_
 # The model: buffers, checkpoint I/O, forward, backward, update
 
 
-def zeros_f32(n):
-    """A zeroed float32 buffer of n values. Big ones are anonymous memory mapped with
-    MAP_POPULATE: the kernel faults every page in at once, which on the VMs we measured
-    runs about 6x faster than first-touch page faults inside the first training step."""
-    if n * 4 < (1 << 24) or not hasattr(mmap, "MAP_POPULATE"):
-        return np.zeros(n, dtype=np.float32)
-    memory = mmap.mmap(-1, n * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-    return np.frombuffer(memory, dtype=np.float32)
-
-
-class GPT2:
-    """Holds the buffers and their views; all the work is in the functions below."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        shapes = parameter_shapes(cfg)
-        self.num_parameters = buffer_size(shapes)
-        self.params_memory = zeros_f32(self.num_parameters)
-        self.params = slice_views(self.params_memory, shapes)
-        # gradients and AdamW moments are allocated on first use (eval and sampling need none)
-        self.grads_memory = self.m_memory = self.v_memory = None
-        self.grads = None
-        self.B = self.T = 0
-        self.acts = self.dacts = None
-        self.step = 0  # AdamW steps taken
-        self.inputs = self.targets = None  # of the last forward pass, flat int32
-        self.num_valid_targets = 0
-
-
-INIT_BLOCK = 1 << 20  # parameters drawn per independent random stream
-
-
-def fill_standard_normal(buffer, seed):
-    """Standard normals into a flat float32 buffer, block k from its own stream
-    SeedSequence([seed, k]): the result does not depend on the thread count, and the
-    blocks are drawn on every core (numpy's generators release the GIL)."""
-    def fill(k):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
-        rng.standard_normal(out=buffer[k * INIT_BLOCK:(k + 1) * INIT_BLOCK], dtype=np.float32)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(fill, range((buffer.size + INIT_BLOCK - 1) // INIT_BLOCK)))
-
-
-def gpt2_init_random(cfg, seed):
-    """llm.c's scheme: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L),
-    zero biases, unit LayerNorm weights; the padded vocab rows stay zero."""
-    model = GPT2(cfg)
-    fill_standard_normal(model.params_memory, seed)
-    p = model.params
-    residual_std = np.float32(0.02 / math.sqrt(2 * cfg.num_layers))
-    for name, _ in parameter_shapes(cfg):
-        view = getattr(p, name)
-        if name in ("wte", "wpe", "qkvw", "fcw"):
-            view *= np.float32(0.02)
-        elif name in ("attprojw", "fcprojw"):
-            view *= residual_std
-        elif name in ("ln1w", "ln2w", "lnfw"):
-            view[...] = 1.0
-        else:
-            view[...] = 0.0  # biases
-    p.wte[cfg.vocab_size:] = 0.0
-    return model
-
-
-def read_checkpoint(path):
-    """Load an llm.c version-3 (float32) checkpoint into a new model."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        header = read_header(f, path, CHECKPOINT_MAGIC, (3, 5))
-        if header[1] == 5:
-            raise UserError(f"{path}: bfloat16 checkpoints (version 5) are not supported; write a float32 one (version 3)")
-        maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
-        if min(maxT, V, L, NH, C) <= 0 or C % NH or Vp < V:
-            raise UserError(f"{path}: header describes an impossible model (maxT={maxT}, V={V}, L={L}, NH={NH}, C={C}, Vp={Vp})")
-        cfg = GPT2Config(maxT, V, Vp, L, NH, C)
-        model = GPT2(cfg)
-        expected = HEADER_INTS * 4 + model.num_parameters * 4
-        actual = os.path.getsize(path)
-        if actual != expected:
-            raise UserError(f"{path}: size {actual} bytes, but its header describes {expected} bytes (truncated or corrupt)")
-        f.readinto(memoryview(model.params_memory).cast("B"))
-    return model
-
-
-def checkpoint_header(cfg):
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, cfg.max_seq_len, cfg.vocab_size,
-                  cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size]
-    return header
-
-
-def write_checkpoint(model, path):
-    write_file_atomic(path, [checkpoint_header(model.cfg), model.params_memory])
-
-
 def ensure_activations(model, B, T):
     """Allocate the activation buffers for batch shape (B, T), once."""
     cfg = model.cfg
@@ -700,29 +449,13 @@ def ensure_activations(model, B, T):
     model.B, model.T = B, T
 
 
-def ensure_optimizer_buffers(model):
-    """Gradients and AdamW moments, allocated once (eval and sampling need none)."""
-    if model.grads_memory is None:
-        n = model.num_parameters
-        model.grads_memory = zeros_f32(n)
-        model.grads = slice_views(model.grads_memory, parameter_shapes(model.cfg))
-        model.m_memory = zeros_f32(n)
-        model.v_memory = zeros_f32(n)
-
-
 def ensure_training_buffers(model):
-    """Optimizer buffers plus the backward scratch for the current (B, T)."""
-    ensure_optimizer_buffers(model)
+    """Gradients plus the backward scratch for the current (B, T)."""
+    ensure_gradients(model)
     if model.dacts is None:
         shapes = activation_grad_shapes(model.cfg, model.B, model.T)
         model.dacts_memory = zeros_f32(buffer_size(shapes))
         model.dacts = slice_views(model.dacts_memory, shapes)
-
-
-def check_tokens(tokens, vocab_size, what):
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        bad = tokens.max() if tokens.max() >= vocab_size else tokens.min()
-        raise UserError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def gpt2_forward(model, inputs, targets=None):
@@ -806,122 +539,112 @@ def gpt2_backward(model, accumulate=False, loss_scale=1.0):
     encoder_backward(g.wte, g.wpe, d.dresidual, model.inputs, T, accumulate)
 
 
+def decay_groups(cfg, weight_decay, weight_decay_mode):
+    """(start, end, decay) ranges of the flat buffer: 'all' decays every tensor (llm.c's
+    CPU trainer), 'matrices' only the 2-D weights (nanoGPT); neighbours merged."""
+    if weight_decay_mode == "all" or weight_decay == 0.0:
+        return [(0, buffer_size(parameter_shapes(cfg)), weight_decay)]
+    if weight_decay_mode != "matrices":
+        raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
+    groups = []
+    for name, start, end in parameter_offsets(cfg):
+        decay = weight_decay if name in MATRIX_PARAMETERS else 0.0
+        if groups and groups[-1][2] == decay and groups[-1][1] == start:
+            groups[-1] = (groups[-1][0], end, decay)
+        else:
+            groups.append((start, end, decay))
+    return groups
+
+
 def gpt2_update(model, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                weight_decay_mode="matrices", grad_clip=0.0):
-    """One AdamW step over the whole parameter buffer. weight_decay_mode 'all' decays
-    every tensor (llm.c's CPU trainer), 'matrices' only the 2-D weights (nanoGPT).
-    Clips the gradient to global norm grad_clip when > 0. Returns the norm before clipping."""
+                weight_decay_mode="matrices", grad_clip=0.0, shard=None, sum_across=float):
+    """One AdamW step; clips the gradient to global norm grad_clip when > 0. Returns the
+    norm before clipping. By default over the whole buffer; a ZeRO-1 rank passes its
+    shard = (lo, grads, m, v): the summed gradients and the moments of the buffer's
+    values lo..lo+len(grads), and sum_across, which sums a float over the ranks."""
     model.step += 1
-    norm = math.sqrt(sum_of_squares(model.grads_memory)) if grad_clip > 0 else None  # clipping needs it first
+    if shard is None:
+        ensure_optimizer_buffers(model)
+        shard = (0, model.grads_memory, model.m_memory, model.v_memory)
+    lo, grads, m, v = shard
+    hi = lo + grads.size
+    norm = math.sqrt(sum_across(sum_of_squares(grads))) if grad_clip > 0 else None  # clipping needs it first
     grad_scale = grad_clip / (norm + 1e-6) if norm is not None and norm > grad_clip else 1.0
     f32 = np.float32
     common = (f32(lr), f32(beta1), f32(beta2), f32(eps))
     corrections = (f32(1.0 - beta1 ** model.step), f32(1.0 - beta2 ** model.step), f32(grad_scale))
-    if weight_decay_mode == "all" or weight_decay == 0.0:
-        groups = [(0, model.num_parameters, weight_decay)]
-    elif weight_decay_mode == "matrices":
-        groups = []
-        for name, start, end in parameter_offsets(model.cfg):
-            decay = weight_decay if name in MATRIX_PARAMETERS else 0.0
-            if groups and groups[-1][2] == decay and groups[-1][1] == start:
-                groups[-1] = (groups[-1][0], end, decay)  # merge neighbours with the same decay
-            else:
-                groups.append((start, end, decay))
-    else:
-        raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
     sum_sq = 0.0
-    for start, end, decay in groups:
-        sum_sq += adamw_update(model.params_memory[start:end], model.grads_memory[start:end],
-                               model.m_memory[start:end], model.v_memory[start:end], *common, f32(decay), *corrections)
-    return norm if norm is not None else math.sqrt(sum_sq)
+    for start, end, decay in decay_groups(model.cfg, weight_decay, weight_decay_mode):
+        a, b = max(start, lo) - lo, min(end, hi) - lo  # the group's part of the shard
+        if a < b:
+            sum_sq += adamw_update(model.params_memory[lo + a:lo + b], grads[a:b], m[a:b], v[a:b], *common,
+                                   f32(decay), *corrections)
+    return norm if norm is not None else math.sqrt(sum_across(sum_sq))
 
 
-# -----------------------------------------------------------------------------
-# Data: llm.c token files (256-int32 header, then uint16 tokens)
+class CPU(Device):
+    """The CPU target: the host model is the model, and the functions above run on it.
+    Data parallel (dist from distributed.setup): the gradients are summed over the ranks
+    through MPI before the update; with ZeRO-1 each rank keeps and updates only its
+    shard of m and v (and of the summed gradients), then the ranks gather the parameters."""
 
+    name = "cpu"
 
-def read_token_file(path, vocab_size=None):
-    """Memory-map an llm.c token file after validating its header, size and ids."""
-    if not os.path.isfile(path):
-        raise UserError(f"token file not found: {path}")
-    with open(path, "rb") as f:
-        header = read_header(f, path, TOKENS_MAGIC, (TOKENS_VERSION,))
-    ntok = int(header[2])
-    expected = HEADER_INTS * 4 + 2 * ntok
-    actual = os.path.getsize(path)
-    if ntok <= 0 or actual != expected:
-        raise UserError(f"{path}: size {actual} bytes, but its header promises {ntok} tokens ({expected} bytes): truncated or corrupt")
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,))
-    if vocab_size is not None:
-        check_tokens(tokens, vocab_size, path)
-    return tokens
+    def __init__(self, model, B, T, dist=SINGLE, zero_stage=0):
+        self.model, self.dist = model, dist
+        ensure_activations(model, B, T)
+        self.shard = None  # (lo, grads, m, v) of this rank's part of the buffer under ZeRO-1
+        if zero_stage == 1 and dist.world > 1:
+            lo, hi = shard_range(model.num_parameters, dist.world, dist.rank)
+            self.shard = (lo, zeros_f32(hi - lo), zeros_f32(hi - lo), zeros_f32(hi - lo))
 
+    def forward(self, inputs, targets=None):
+        return gpt2_forward(self.model, inputs, targets)
 
-class DataLoader:
-    """Batches of B sequences of T tokens (inputs, and targets shifted by one) from one
-    or more token files. A file of n tokens holds (n-1)//T samples at stride T; in
-    order, a batch is llm.c's contiguous B*T+1 tokens. With shuffle, each epoch visits
-    every file's samples in a seeded random order. The position is three integers,
-    so a checkpoint can save it and resume exactly."""
+    def backward(self, accumulate=False, loss_scale=1.0):
+        gpt2_backward(self.model, accumulate, loss_scale)
 
-    def __init__(self, pattern, B, T, vocab_size, shuffle=False, seed=0):
-        paths = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
-        if not paths:
-            raise UserError(f"no token file matches {pattern!r} (run `make data`, or pass -i/-j)")
-        self.files = [read_token_file(path, vocab_size) for path in paths]
-        self.paths = paths
-        self.B, self.T, self.shuffle, self.seed = B, T, shuffle, seed
-        for path, tokens in zip(paths, self.files):
-            if (tokens.size - 1) // T < B:
-                raise UserError(f"{path}: {tokens.size} tokens is too few for one batch of B={B}, T={T}")
-        self.inputs = np.empty((B, T), dtype=np.int32)
-        self.targets = np.empty((B, T), dtype=np.int32)
-        self.reset()
+    def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
+        hyper = (lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip)
+        if self.shard is None:
+            self.dist.allreduce_sum(self.model.grads_memory)  # nothing to do in a run of one process
+            return gpt2_update(self.model, *hyper)
+        self.dist.reduce_scatter_sum(self.model.grads_memory, self.shard[1])
+        norm = gpt2_update(self.model, *hyper, shard=self.shard, sum_across=self.dist.sum)
+        self.dist.allgather(self.model.params_memory)
+        return norm
 
-    def reset(self):
-        self.set_state({"epoch": 0, "file": 0, "batch": 0})
+    def params_to_host(self):
+        pass  # the host model is the model
 
-    def state(self):
-        return {"epoch": self.epoch, "file": self.file_index, "batch": self.batch_index}
+    def state_to_host(self):
+        """ZeRO-1: rank 0's host model gets the whole m and v, gathered from the shards."""
+        if self.shard is not None:
+            if self.dist.rank == 0:
+                ensure_optimizer_buffers(self.model)
+            for full, part in ((self.model.m_memory, self.shard[2]), (self.model.v_memory, self.shard[3])):
+                self.dist.gather_to_root(part, full)
 
-    def set_state(self, state):
-        self.epoch, self.file_index, self.batch_index = state["epoch"], state["file"], state["batch"]
-        self._order = None
+    def state_from_host(self):
+        """ZeRO-1: each rank takes its shard of the checkpoint's m and v, and drops the rest."""
+        if self.shard is not None:
+            lo, grads, m, v = self.shard
+            m[...] = self.model.m_memory[lo:lo + m.size]
+            v[...] = self.model.v_memory[lo:lo + v.size]
+            self.model.m_memory = self.model.v_memory = None
 
-    def batches_in_file(self, file_index):
-        return ((self.files[file_index].size - 1) // self.T) // self.B
+    def logits_to_host(self):
+        return self.model.acts.logits
 
-    def sample_order(self):
-        if self._order is None:
-            n = (self.files[self.file_index].size - 1) // self.T
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch, self.file_index])
-                self._order = rng.permutation(n)
-            else:
-                self._order = np.arange(n)
-        return self._order
+    def grads_to_host(self):
+        return self.model.grads_memory
 
-    def next_batch(self):
-        if self.batch_index >= self.batches_in_file(self.file_index):
-            self.batch_index = 0
-            self.file_index += 1
-            if self.file_index == len(self.files):
-                self.file_index = 0
-                self.epoch += 1
-            self._order = None
-        tokens = self.files[self.file_index]
-        samples = self.sample_order()[self.batch_index * self.B:(self.batch_index + 1) * self.B]
-        T = self.T
-        for row, sample in enumerate(samples):
-            start = int(sample) * T
-            chunk = tokens[start:start + T + 1]
-            self.inputs[row] = chunk[:-1]
-            self.targets[row] = chunk[1:]
-        self.batch_index += 1
-        return self.inputs, self.targets
+    def optimizer_bytes(self):
+        """AdamW state held by this process (m and v, or their shards)."""
+        return 2 * 4 * (self.shard[2].size if self.shard else self.model.num_parameters)
 
-    def num_batches(self):
-        return sum(self.batches_in_file(i) for i in range(len(self.files)))
+    def peak_flops(self):
+        return measure_cpu_peak_flops()
 
 
 # -----------------------------------------------------------------------------
@@ -1036,11 +759,6 @@ def gpt2_decode_step(model, cache, token):
     return c.logits[0]
 
 
-def start_token(cfg):
-    """<|endoftext|> starts a sample; a model with a smaller vocabulary uses its last id."""
-    return min(EOT_TOKEN, cfg.vocab_size - 1)
-
-
 def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_state=1337, use_kv_cache=True):
     """Continue prompt_tokens by num_tokens sampled tokens. With use_kv_cache=False each
     new token reruns the whole sequence through gpt2_forward (llm.c's way), for
@@ -1095,7 +813,7 @@ class LayerProfile:
         self.calls = {}
         self.steps = 0
         self.depth = 0
-        self.active = True
+        self.active = False
         module = sys.modules[__name__]
         for name in PROFILED_LAYERS:
             setattr(module, name, self._wrap(name, getattr(module, name)))
@@ -1115,10 +833,16 @@ class LayerProfile:
         timed.__wrapped__ = fn
         return timed
 
-    def reset(self):
-        self.seconds.clear()
-        self.calls.clear()
-        self.steps = 0
+    def start(self):
+        self.active = True  # the training step only, not evals or samples
+
+    def stop(self, first_step):
+        self.active = False
+        self.steps += 1
+        if first_step:  # it pays one-time costs (compilation, page faults): profile the rest
+            self.seconds.clear()
+            self.calls.clear()
+            self.steps = 0
 
     def table(self, step_seconds):
         steps = max(1, self.steps)
@@ -1129,284 +853,6 @@ class LayerProfile:
         covered = sum(self.seconds.values())
         lines.append(f"{'(other python)':<22}{1000 * (step_seconds - covered) / steps:>10.1f}")
         return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face interop: GPT-2 weights from/to a transformers folder (config.json,
-# model.safetensors or pytorch_model.bin), as save_pretrained writes and
-# GPT2LMHeadModel.from_pretrained reads.
-
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_LAYER_NAMES = [  # (our tensor, HF name within block i)
-    ("ln1w", "ln_1.weight"), ("ln1b", "ln_1.bias"),
-    ("qkvw", "attn.c_attn.weight"), ("qkvb", "attn.c_attn.bias"),
-    ("attprojw", "attn.c_proj.weight"), ("attprojb", "attn.c_proj.bias"),
-    ("ln2w", "ln_2.weight"), ("ln2b", "ln_2.bias"),
-    ("fcw", "mlp.c_fc.weight"), ("fcb", "mlp.c_fc.bias"),
-    ("fcprojw", "mlp.c_proj.weight"), ("fcprojb", "mlp.c_proj.bias"),
-]
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
-
-
-def bfloat16_to_float32(bits):
-    """bfloat16 is the top half of a float32: widen the uint16 bit patterns exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def read_safetensors(path):
-    """name -> float32 array, from the safetensors layout: u64 header size, JSON, raw data."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        assert isinstance(header, dict) and len(raw) >= 8 + n
-    except (ValueError, UnicodeDecodeError, AssertionError):
-        raise UserError(f"{path}: not a safetensors file")
-    tensors, data = {}, memoryview(raw)[8 + n:]
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')} (F32, F16, BF16, F64 are read)")
-        start, end = info["data_offsets"]
-        try:
-            array = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        except ValueError:
-            raise UserError(f"{path}: tensor {name}: its bytes do not hold shape {info['shape']} (truncated or corrupt)")
-        tensors[name] = bfloat16_to_float32(array) if info["dtype"] == "BF16" else array.astype(np.float32)
-    return tensors
-
-
-def write_safetensors(path, tensors):
-    header, offset, chunks = {"__metadata__": {"format": "pt"}}, 0, []
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype="<f4")
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        chunks.append(array)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    write_file_atomic(path, [len(blob).to_bytes(8, "little"), blob] + chunks)
-
-
-def read_hf_weights(path):
-    """The state dict of a weights file: model.safetensors, a sharded safetensors index,
-    or pytorch_model.bin (which needs PyTorch)."""
-    if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
-        return tensors
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: reading pytorch_model.bin needs PyTorch; convert it to model.safetensors instead")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a PyTorch state dict ({type(e).__name__})")
-    return {k: v.float().numpy() for k, v in state.items()}
-
-
-def hf_shapes(cfg):
-    """HF name -> shape of every GPT-2 tensor we read or write (Conv1D weights are (in, out))."""
-    C, V, maxT = cfg.channels, cfg.vocab_size, cfg.max_seq_len
-    ours = dict(parameter_shapes(cfg))
-    shapes = {"wte.weight": (V, C), "wpe.weight": (maxT, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for l in range(cfg.num_layers):
-        for name, theirs in HF_LAYER_NAMES:
-            shape = ours[name][1:]
-            shapes[f"h.{l}.{theirs}"] = shape[::-1] if theirs in HF_CONV1D else shape
-    return shapes
-
-
-def gpt2_from_hf(path, num_heads=None):
-    """A model from Hugging Face GPT-2 weights: a folder (config.json and weights, as
-    save_pretrained writes), or a weights file (n_head from a config.json beside it, else
-    GPT-2's sizes). Conv1D (in, out) weights are transposed; every tensor's presence and
-    shape is checked."""
-    if os.path.isdir(path):
-        found = [os.path.join(path, name) for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
-        if not found:
-            raise UserError(f"{path}: no {', '.join(HF_WEIGHT_FILES)} in this folder")
-        weights_path, folder = found[0], path
-    elif os.path.isfile(path):
-        weights_path, folder = path, os.path.dirname(os.path.abspath(path))
-    else:
-        raise UserError(f"weights file not found: {path}")
-    hf_config = {}
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                hf_config = json.load(f)
-        except ValueError:
-            raise UserError(f"{os.path.join(folder, 'config.json')}: not valid JSON")
-    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v
-          for k, v in read_hf_weights(weights_path).items()}
-    if "wte.weight" not in sd or "wpe.weight" not in sd or sd["wte.weight"].ndim != 2 or sd["wpe.weight"].ndim != 2:
-        raise UserError(f"{weights_path}: not a GPT-2 state dict (wte.weight / wpe.weight missing)")
-    V, C = sd["wte.weight"].shape
-    maxT = sd["wpe.weight"].shape[0]
-    L = 1 + max((int(k.split(".")[1]) for k in sd if re.match(r"h\.\d+\.", k)), default=-1)
-    for key, value in (("vocab_size", V), ("n_embd", C), ("n_positions", maxT), ("n_layer", L)):
-        if hf_config.get(key, value) != value:
-            raise UserError(f"{weights_path}: config.json says {key}={hf_config[key]}, the tensors say {value}")
-    NH = num_heads or hf_config.get("n_head") or {c: h for h, c in GPT2_SIZES.values()}.get(C, max(1, C // 64))
-    if C % NH:
-        raise UserError(f"{weights_path}: {NH} heads do not divide {C} channels (put n_head in config.json beside it)")
-    cfg = GPT2Config(maxT, V, padded_vocab(V), L, NH, C)
-    for name, shape in hf_shapes(cfg).items():
-        if name not in sd:
-            raise UserError(f"{weights_path}: tensor {name} is missing (a GPT-2 with {L} layers, {C} channels needs it)")
-        if sd[name].shape != shape:
-            raise UserError(f"{weights_path}: tensor {name} has shape {list(sd[name].shape)}, expected {list(shape)}")
-    model = GPT2(cfg)
-    p = model.params
-    p.wte[:V] = sd["wte.weight"]
-    p.wpe[...] = sd["wpe.weight"]
-    for l in range(L):
-        for ours, theirs in HF_LAYER_NAMES:
-            tensor = sd[f"h.{l}.{theirs}"]
-            getattr(p, ours)[l] = tensor.T if theirs in HF_CONV1D else tensor
-    p.lnfw[...] = sd["ln_f.weight"]
-    p.lnfb[...] = sd["ln_f.bias"]
-    return model
-
-
-def hf_config(cfg):
-    """config.json of a transformers GPT-2 (GPT2LMHeadModel, tied embeddings, no dropout)."""
-    eot = start_token(cfg)
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_embd": cfg.channels,
-            "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32"}
-
-
-def write_hf(model, path):
-    """A Hugging Face GPT-2 folder: model.safetensors (save_pretrained's names, Conv1D
-    layout, unpadded vocab), config.json and generation_config.json. A path ending in
-    .safetensors names the weights file; the JSON files go beside it."""
-    folder = os.path.dirname(os.path.abspath(path)) if path.endswith(".safetensors") else path
-    weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "model.safetensors")
-    cfg, p = model.cfg, model.params
-    tensors = {"wte.weight": p.wte[:cfg.vocab_size], "wpe.weight": p.wpe}
-    for l in range(cfg.num_layers):
-        for ours, theirs in HF_LAYER_NAMES:
-            tensor = getattr(p, ours)[l]
-            tensors[f"h.{l}.{theirs}"] = tensor.T if theirs in HF_CONV1D else tensor
-    tensors["ln_f.weight"], tensors["ln_f.bias"] = p.lnfw, p.lnfb
-    write_safetensors(weights_path, {"transformer." + name: tensor for name, tensor in tensors.items()})
-    config = hf_config(cfg)
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-    for name, content in (("config.json", config), ("generation_config.json", generation)):
-        write_file_atomic(os.path.join(folder, name), [json.dumps(content, indent=2).encode() + b"\n"])
-    return folder
-
-
-# -----------------------------------------------------------------------------
-# Training state on disk: model_NNNNNNNN.bin (llm.c v3 weights) beside
-# state_NNNNNNNN.bin (AdamW m and v, step, data position, sampler RNG).
-
-STATE_FILE_MAGIC, STATE_FILE_VERSION = 20240527, 1
-
-
-def checkpoint_paths(output_dir, step):
-    return (os.path.join(output_dir, f"model_{step:08d}.bin"), os.path.join(output_dir, f"state_{step:08d}.bin"))
-
-
-def save_training_checkpoint(model, output_dir, step, extra, keep_last):
-    model_path, state_path = checkpoint_paths(output_dir, step)
-    write_checkpoint(model, model_path)
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    blob = json.dumps(dict(extra, step=step, adam_step=model.step)).encode()
-    header[:4] = [STATE_FILE_MAGIC, STATE_FILE_VERSION, model.num_parameters % (1 << 31), len(blob)]
-    write_file_atomic(state_path, [header, model.m_memory, model.v_memory, blob])  # written last: marks it complete
-    steps = list_checkpoint_steps(output_dir)
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        for path in checkpoint_paths(output_dir, old):
-            if os.path.exists(path):
-                os.remove(path)
-    # leftovers of saves that were killed: temp files, and weights whose state never landed
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"(model|state)_(\d{8})\.bin(\.tmp\.\d+)?", name)
-        if match and int(match.group(2)) < step and (match.group(3) or int(match.group(2)) not in steps):
-            os.remove(os.path.join(output_dir, name))
-    return model_path
-
-
-def list_checkpoint_steps(output_dir):
-    steps = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        match = re.fullmatch(r"state_(\d{8})\.bin", name)
-        if match and os.path.exists(checkpoint_paths(output_dir, int(match.group(1)))[0]):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def load_training_checkpoint(output_dir):
-    """(model with optimizer state, extra dict) from the newest complete checkpoint; a
-    damaged newest one is reported and the one before it used."""
-    for step in reversed(list_checkpoint_steps(output_dir)):
-        model_path, state_path = checkpoint_paths(output_dir, step)
-        try:
-            model = read_checkpoint(model_path)
-            n = model.num_parameters
-            expected_min = HEADER_INTS * 4 + 8 * n
-            with open(state_path, "rb") as f:
-                header = read_header(f, state_path, STATE_FILE_MAGIC, (STATE_FILE_VERSION,))
-                if header[2] != n % (1 << 31) or os.path.getsize(state_path) != expected_min + int(header[3]):
-                    raise UserError(f"{state_path}: size or parameter count does not match {model_path}")
-                ensure_optimizer_buffers(model)
-                f.readinto(memoryview(model.m_memory).cast("B"))
-                f.readinto(memoryview(model.v_memory).cast("B"))
-                extra = json.loads(f.read(int(header[3])))
-            model.step = int(extra["adam_step"])
-            return model, extra
-        except (UserError, ValueError, KeyError) as e:
-            print(f"warning: skipping damaged checkpoint at step {step}: {e}", file=sys.stderr)
-    raise UserError(f"--resume: no complete checkpoint in {output_dir}")
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer (llm.c's gpt2_tokenizer.bin, for decoding without tiktoken)
-
-
-def read_tokenizer(path):
-    """List of byte strings per token id, or None when the file is missing."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        header = read_header(f, path, TOKENIZER_MAGIC, (1, 2))
-        table = []
-        for _ in range(int(header[2])):
-            length = f.read(1)
-            if not length:
-                raise UserError(f"{path}: truncated tokenizer file")
-            table.append(f.read(length[0]))
-    return table
-
-
-def decode(tokenizer, tokens):
-    if tokenizer is None:
-        return " ".join(str(t) for t in tokens)
-    return b"".join(tokenizer[t] for t in tokens if t < len(tokenizer) and t != EOT_TOKEN).decode("utf-8", errors="replace")
-
-
-def encode_prompt(text):
-    from prepro_tinyshakespeare import PreproError, load_gpt2_encoding
-    try:
-        encoding = load_gpt2_encoding(mirror=os.environ.get("DATA_MIRROR"))
-    except PreproError as e:
-        raise UserError(str(e))
-    return encoding.encode(text, allowed_special={"<|endoftext|>"})
 
 
 # -----------------------------------------------------------------------------
@@ -1449,42 +895,44 @@ def measure_cpu_peak_flops():
     return 2 * 1024 ** 3 / best
 
 
-def evaluate(forward, loader, max_batches):
+def evaluate(device, loader, max_batches):
+    """Mean loss over the first max_batches batches of loader (0: all of them)."""
     loader.reset()
     batches = loader.num_batches() if max_batches <= 0 else min(max_batches, loader.num_batches())
-    total = 0.0
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        total += forward(x, y)
-    return total / batches
+    return sum(device.forward(*loader.next_batch()) for _ in range(batches)) / batches
 
 
-def load_model(init, seed, vocab_size=50257):
-    """--init: 'dN' (from scratch), an llm.c checkpoint, or Hugging Face weights (a folder
-    or a weights file). A file is told by its first bytes, never by its name."""
-    if os.path.isdir(init):
-        return gpt2_from_hf(init)
-    if not os.path.exists(init):
-        if not re.search(r"[./\\]", init):  # not path-like: a descriptor such as d12 (or a bad one)
-            return gpt2_init_random(config_from_depth(init, vocab_size), seed)
-        raise UserError(f"--init {init}: checkpoint not found (no such file or folder, and not a dN descriptor such as d12)")
-    with open(init, "rb") as f:
-        head = f.read(9)
-    if len(head) >= 4 and int.from_bytes(head[:4], "little") == CHECKPOINT_MAGIC:
-        return read_checkpoint(init)
-    if head[:2] == b"PK" or (len(head) == 9 and head[8:9] == b"{"):  # a torch zip, or safetensors' JSON header
-        return gpt2_from_hf(init)
-    raise UserError(f"{init}: not a model file: expected an llm.c checkpoint (magic {CHECKPOINT_MAGIC}), "
-                    "a Hugging Face model.safetensors / pytorch_model.bin, or a folder holding one")
+def check_device(name):
+    """Fail early, in one line, when the target cannot run here."""
+    if name == "cuda":
+        import train_gpt2_cuda  # only for CUDA: CPU runs never import numba.cuda or CuPy
+        if not train_gpt2_cuda.cuda_available():
+            raise UserError("--device cuda: no CUDA GPU found (install numba-cuda and CuPy; check the driver)")
+
+
+def build_device(name, model, B, T, tf32=True, dist=SINGLE, zero_stage=0):
+    """The training target by name ('cpu' or 'cuda'), built from the host model; dist
+    and zero_stage make it one rank of a data-parallel run."""
+    check_device(name)
+    if name == "cpu":
+        return CPU(model, B, T, dist, zero_stage)
+    import train_gpt2_cuda
+    return train_gpt2_cuda.CUDA(model, B, T, tf32=tf32, dist=dist, zero_stage=zero_stage)
 
 
 class JsonlLog:
-    def __init__(self, output_dir):
+    """log.jsonl in the output directory (none without one). A run resumed at
+    resume_step first drops what the interrupted run logged after its checkpoint (train
+    records past it, evals at or past it), since the resumed run logs them again."""
+
+    def __init__(self, output_dir, resume_step=0):
         self.path = os.path.join(output_dir, "log.jsonl") if output_dir else None
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+        if resume_step:
+            self.truncate(resume_step)
 
     def truncate(self, step):
-        """On resume: drop what the interrupted run logged after its checkpoint at step
-        (train records past it, evals at or past it), since the resumed run logs them again."""
         if not self.path or not os.path.isfile(self.path):
             return
         kept = []
@@ -1522,6 +970,12 @@ def parse_args(argv):
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
     g.add_argument("--tf32", type=int, default=1, help="cuda: TF32 matmuls (1) or strict fp32 (0)")
+    g = p.add_argument_group("data parallel (launch with mpirun -np N, srun, or torchrun's environment)")
+    g.add_argument("-z", "--zero-stage", type=int, choices=[0, 1], default=0,
+                   help="0: every rank keeps all of AdamW's state; 1 (ZeRO-1): each keeps and updates 1/N of it")
+    g.add_argument("--nccl-init-dir", default=None,
+                   help="cuda without MPI: a directory all ranks share, where rank 0 leaves the NCCL id "
+                        "(default: TCP at MASTER_ADDR:MASTER_PORT)")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("-b", "--batch-size", type=int, default=4, help="sequences per micro-batch (B)")
     g.add_argument("-t", "--seq-len", type=int, default=64, help="tokens per sequence (T)")
@@ -1594,18 +1048,47 @@ def sample_mode(model, args, tokenizer):
     print(decode(tokenizer, prompt if args.prompt else []) + decode(tokenizer, outputs[-1]))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    tokenizer = read_tokenizer(args.tokenizer)
-    extra = {}
+def load_run(args):
+    """(host model, training state) for this run: the newest checkpoint with --resume,
+    else --init. The state is {} for a fresh start."""
     if args.resume and list_checkpoint_steps(args.output_dir):
-        model, extra = load_training_checkpoint(args.output_dir)
-        print(f"resuming from {args.output_dir} at step {extra['step']}")
-    else:
-        if args.resume:
-            print(f"--resume: no checkpoint in {args.output_dir} yet, starting fresh")
-        model = load_model(args.init, args.seed)
+        model, state = load_training_checkpoint(args.output_dir)
+        print(f"resuming from {args.output_dir} at step {state['step']}")
+        return model, state
+    if args.resume:
+        print(f"--resume: no checkpoint in {args.output_dir} yet, starting fresh")
+    return load_model(args.init, args.seed), {}
+
+
+def check_resume(state, args, accum_steps, world):
+    """A resumed run must see the same batches in the same order as the interrupted one:
+    the same seed, B, T and tokens per step (on any number of ranks)."""
+    if state.get("seed") != args.seed:
+        raise UserError(f"--resume: the checkpoint was trained with --seed {state.get('seed')}; pass the same seed")
+    was = (state.get("B"), state.get("T"), state.get("accum_steps") * state.get("world", 1))
+    if was != (args.batch_size, args.seq_len, accum_steps * world):
+        raise UserError(f"--resume: the checkpoint was trained with B={was[0]} T={was[1]} and {was[2]} micro-batches "
+                        f"per step over all ranks; pass the same -b, -t, -d")
+
+
+def save_checkpoint(args, dist, device, model, step, train_loader, rng_state, accum_steps):
+    """One set of files, written by rank 0 (every rank takes part in gathering the state)."""
+    if not args.output_dir:
+        return
+    device.state_to_host()
+    if dist.rank == 0:
+        extra = {"loader": train_loader.state(), "rng_state": rng_state, "B": args.batch_size, "T": args.seq_len,
+                 "accum_steps": accum_steps, "seed": args.seed, "world": dist.world}
+        print(f"checkpoint: {save_training_checkpoint(model, args.output_dir, step, extra, args.keep_checkpoints)}")
+    dist.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
+
+
+def main(args, dist=SINGLE):
+    t_start = time.perf_counter()
+    if dist.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; errors still reach stderr
+    tokenizer = read_tokenizer(args.tokenizer)
+    model, state = load_run(args)
     cfg = model.cfg
     print(f"model: L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} V={cfg.vocab_size} maxT={cfg.max_seq_len} "
           f"({model.num_parameters:,} parameters)")
@@ -1617,115 +1100,75 @@ def main(argv=None):
     if T > cfg.max_seq_len:
         raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
     val_loader = DataLoader(args.val_data, B, T, cfg.vocab_size) if args.val_data else None
-
-    if args.device == "cuda":
-        import train_gpt2_cuda as gcu
-        if not gcu.cuda_available():
-            raise UserError("--device cuda: no CUDA GPU found (install numba-cuda; check the driver)")
-        dm = gcu.to_device(model, B, T, tf32=bool(args.tf32))
-        if extra:
-            gcu.optimizer_state_from_host(dm, model.m_memory, model.v_memory, model.step)
-
-        def forward(x, y):
-            gcu.gpt2_forward_cuda(dm, x, y)
-            return gcu.mean_loss_cuda(dm)
-        backward = lambda accumulate, scale: gcu.gpt2_backward_cuda(dm, accumulate, scale)  # noqa: E731
-        update = lambda *a: gcu.read_norm(gcu.gpt2_update_cuda(dm, *a))  # noqa: E731
-        params_to_host = lambda: gcu.params_to_host(dm, model)  # noqa: E731 (for sampling and exports)
-
-        def training_state_to_host():  # for checkpoints
-            params_to_host()
-            model.m_memory, model.v_memory = gcu.optimizer_state_to_host(dm)
-            model.step = dm.step
-    else:
-        forward = lambda x, y: gpt2_forward(model, x, y)  # noqa: E731
-        backward = lambda accumulate, scale: gpt2_backward(model, accumulate, scale)  # noqa: E731
-        update = lambda *a: gpt2_update(model, *a)  # noqa: E731
-        params_to_host = training_state_to_host = lambda: None  # noqa: E731 (the host model is the model)
-
+    device = build_device(args.device, model, B, T, bool(args.tf32), dist, args.zero_stage)
     if args.eval_only:
         if val_loader is None:
             raise UserError("--eval-only needs validation data (-j)")
-        loss = evaluate(forward, val_loader, args.val_batches)
+        loss = evaluate(device, val_loader, args.val_batches)
         print(f"val loss {loss:.6f} | perplexity {perplexity(loss):.3f}")
         export_hf(model, args.export_hf)
         return 0
 
-    if extra and extra.get("seed") != args.seed:
-        raise UserError(f"--resume: the checkpoint was trained with --seed {extra.get('seed')}; pass the same seed")
-    train_loader = DataLoader(args.train_data, B, T, cfg.vocab_size, shuffle=bool(args.shuffle), seed=args.seed)
-    accum_steps = max(1, args.total_batch_tokens // (B * T)) if args.total_batch_tokens else 1
-    tokens_per_step = accum_steps * B * T
-    start_step = 0
-    rng_state = args.seed
-    if extra:
-        start_step = extra["step"]
-        train_loader.set_state(extra["loader"])
-        rng_state = extra["rng_state"]
-        if extra.get("B") != B or extra.get("T") != T or extra.get("accum_steps") != accum_steps:
-            raise UserError(f"--resume: the checkpoint was trained with B={extra.get('B')} T={extra.get('T')} "
-                            f"accumulation={extra.get('accum_steps')}; pass the same -b, -t, -d")
-    if args.device == "cuda":
-        peak = (args.peak_tflops or gcu.datasheet_peak_tflops(bool(args.tf32))) * 1e12 or float("nan")
-    else:
-        peak = args.peak_tflops * 1e12 or measure_cpu_peak_flops()
+    train_loader = DataLoader(args.train_data, B, T, cfg.vocab_size, bool(args.shuffle), args.seed, dist.rank, dist.world)
+    if args.total_batch_tokens % (B * T * dist.world):
+        raise UserError(f"-d {args.total_batch_tokens} is not a multiple of B*T*ranks = {B * T * dist.world}")
+    accum_steps = max(1, args.total_batch_tokens // (B * T * dist.world))
+    tokens_per_step = accum_steps * B * T * dist.world
+    start_step, rng_state = 0, args.seed
+    if state:
+        check_resume(state, args, accum_steps, dist.world)
+        device.state_from_host()
+        start_step, rng_state = state["step"], state["rng_state"]
+        train_loader.set_state(state["loader"])
+    peak = args.peak_tflops * 1e12 or device.peak_flops() or float("nan")
     flops_per_step = flops_per_token(cfg, T) * tokens_per_step
-    log = JsonlLog(args.output_dir)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if extra:
-        log.truncate(start_step)
+    log = JsonlLog(args.output_dir if dist.rank == 0 else None, start_step)
     print(f"train: {train_loader.num_batches()} batches of B={B} T={T} in {len(train_loader.paths)} file(s); "
-          f"{accum_steps} micro-step(s) per step ({tokens_per_step} tokens); "
+          f"{accum_steps} micro-step(s) per step on each of {dist.world} process(es) ({tokens_per_step} tokens); "
           f"val: {val_loader.num_batches() if val_loader else 0} batches")
+    if dist.world > 1:
+        print(f"data parallel: {dist.world} ranks over {dist.engine}, ZeRO-{args.zero_stage}: "
+              f"{device.optimizer_bytes() / 2 ** 20:.1f} MiB of AdamW state per rank")
     print(f"ready in {time.perf_counter() - t_start:.2f} s; MFU is against {peak / 1e12:.3f} TFLOP/s")
 
     profile = LayerProfile() if args.profile else None
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-
-    def checkpoint(step):
-        if not args.output_dir:
-            return
-        training_state_to_host()
-        path = save_training_checkpoint(model, args.output_dir, step,
-                                        {"loader": train_loader.state(), "rng_state": rng_state, "B": B, "T": T,
-                                         "accum_steps": accum_steps, "seed": args.seed}, args.keep_checkpoints)
-        print(f"checkpoint: {path}")
-
+    interrupted = []  # Ctrl-C, or SIGTERM (Slurm's time limit): checkpoint after this step and stop
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     step_times = []
     try:
         for step in range(start_step, args.steps + 1):
             last = step == args.steps
-            if val_loader and args.val_every > 0 and (step % args.val_every == 0 or last):
-                val_loss = evaluate(forward, val_loader, args.val_batches)
+            if val_loader and dist.rank == 0 and args.val_every > 0 and (step % args.val_every == 0 or last):
+                val_loss = evaluate(device, val_loader, args.val_batches)
                 print(f"val loss {val_loss:.6f} | perplexity {perplexity(val_loss):.2f}")
                 log.write(type="val", step=step, loss=val_loss, perplexity=perplexity(val_loss))
-            if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
-                params_to_host()
+            if dist.rank == 0 and args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
+                device.params_to_host()
                 tokens, rng_state = generate(model, [start_token(cfg)], min(args.gen_tokens, cfg.max_seq_len - 1),
                                              rng_state=rng_state)
                 print("generating:\n---\n" + decode(tokenizer, tokens) + "\n---")
             if last:
                 break
+
             t0 = time.perf_counter()
             if profile:
-                profile.active = True  # the training step only, not evals or samples
+                profile.start()
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule, args.final_lr_frac)
             loss = 0.0
             for micro in range(accum_steps):
                 x, y = train_loader.next_batch()
-                loss += forward(x, y) / accum_steps
-                backward(micro > 0, 1.0 / accum_steps)
-            norm = float(update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.weight_decay_mode,
-                                args.grad_clip))
+                loss += device.forward(x, y) / accum_steps
+                device.backward(micro > 0, 1.0 / (accum_steps * dist.world))  # update() sums over the ranks
+            norm = device.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.weight_decay_mode,
+                                 args.grad_clip)
+            loss = dist.sum(loss) / dist.world
+            stop = dist.any(interrupted)  # every rank stops at the same step
             seconds = time.perf_counter() - t0
             if profile:
-                profile.active = False
-                profile.steps += 1
-                if len(step_times) == 0:
-                    profile.reset()  # the first step pays one-time costs: profile the rest
+                profile.stop(first_step=not step_times)
             step_times.append(seconds)
+
             mfu = flops_per_step / seconds / peak
             print(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | norm {norm:7.4f} | lr {lr:.2e} | "
                   f"{1000 * seconds:7.1f} ms | {tokens_per_step / seconds:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
@@ -1733,25 +1176,28 @@ def main(argv=None):
                       tokens_per_s=tokens_per_step / seconds, mfu=mfu)
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step + 1}: lower the learning rate or clip gradients")
-            if interrupted:
+            if stop:
                 print("interrupted: saving a checkpoint")
-                checkpoint(step + 1)
+                save_checkpoint(args, dist, device, model, step + 1, train_loader, rng_state, accum_steps)
                 return 130
-            if args.output_dir and args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 \
-                    and step + 1 < args.steps:
-                checkpoint(step + 1)
+            if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                save_checkpoint(args, dist, device, model, step + 1, train_loader, rng_state, accum_steps)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
     if start_step < args.steps:
-        checkpoint(args.steps)
+        save_checkpoint(args, dist, device, model, args.steps, train_loader, rng_state, accum_steps)
+    device.params_to_host()
+    if dist.world > 1 and not dist.all_equal(zlib.crc32(model.params_memory)):
+        raise UserError("the ranks ended with different parameters: the data-parallel update is broken")
     if step_times:
         times = sorted(step_times[1:] or step_times)
         print(f"done: median step {1000 * times[len(times) // 2]:.1f} ms (first step {1000 * step_times[0]:.1f} ms)")
     if profile:
         print(f"time per layer kind, averaged over steps 2..{len(step_times)}:")
         print(profile.table(sum(step_times[1:])))
-    if args.export_hf:
-        params_to_host()
+    if args.export_hf and dist.rank == 0:
         export_hf(model, args.export_hf)
     return 0
 
@@ -1764,10 +1210,14 @@ def export_hf(model, path):
 
 
 def cli(argv=None):
+    dist = SINGLE
     try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        args = parse_args(argv)
+        dist = distributed.setup(args.device)
+        return main(args, dist)
+    except (UserError, distributed.DistributedError) as e:
+        print(f"error{f' (rank {dist.rank} of {dist.world})' if dist.world > 1 else ''}: {e}", file=sys.stderr)
+        dist.abort(1)  # the other ranks may be waiting in a collective: end them too
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "dev")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import gpt2_common as common  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
 
 # The tiny model every model-level test uses.
@@ -63,13 +64,13 @@ def write_token_file(path, tokens, magic=TOKENS_MAGIC, version=1, ntok=None):
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    return gpt.GPT2Config(**TINY)
+    return common.GPT2Config(**TINY)
 
 
 @pytest.fixture
 def tiny_model(tiny_cfg):
     """A fresh random-init tiny model (llm.c init scheme, seed 0)."""
-    return gpt.gpt2_init_random(tiny_cfg, seed=0)
+    return common.gpt2_init_random(tiny_cfg, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import test_gpt2
+import gpt2_common as common
 import train_gpt2 as gpt
 from conftest import (CHECKPOINT_MAGIC, HEADER_BYTES, TEST_GPT2, TINY, TINY_B, TINY_T, llmc_layout,
                       run_python, write_token_file)
@@ -20,13 +21,13 @@ def num_params_by_formula(maxT, V, Vp, L, NH, C):
 
 def test_parameter_count_and_layout_match_llmc():
     assert num_params_by_formula(1024, 50257, 50304, 12, 12, 768) == 124_475_904  # GPT-2 124M, padded
-    cfg = gpt.GPT2Config(**TINY)
-    model = gpt.GPT2(cfg)
+    cfg = common.GPT2Config(**TINY)
+    model = common.GPT2(cfg)
     assert model.num_parameters == num_params_by_formula(*(TINY[k] for k in (
         "max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels")))
-    ours = [(name, tuple(shape)) for name, shape in gpt.parameter_shapes(cfg)]
+    ours = [(name, tuple(shape)) for name, shape in common.parameter_shapes(cfg)]
     assert ours == [(name, shape) for name, shape, _, _ in llmc_layout(**TINY)]
-    assert gpt.padded_vocab(50257) == 50304 and gpt.padded_vocab(64) == 128 and gpt.padded_vocab(128) == 128
+    assert common.padded_vocab(50257) == 50304 and common.padded_vocab(64) == 128 and common.padded_vocab(128) == 128
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -35,7 +36,7 @@ def test_parameter_count_and_layout_match_llmc():
 def test_checkpoint_round_trip(tiny_model, tmp_path):
     path = tmp_path / "ckpt.bin"
     tiny_model.params_memory[:] = np.random.default_rng(3).standard_normal(tiny_model.num_parameters)
-    gpt.write_checkpoint(tiny_model, str(path))
+    common.write_checkpoint(tiny_model, str(path))
     # the bytes on disk, read by hand: 256-int32 header, then the float32 buffer
     raw = path.read_bytes()
     header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
@@ -44,7 +45,7 @@ def test_checkpoint_round_trip(tiny_model, tmp_path):
     assert len(raw) == HEADER_BYTES + 4 * tiny_model.num_parameters
     assert np.frombuffer(raw[HEADER_BYTES:], dtype="<f4").tobytes() == tiny_model.params_memory.tobytes()
     # and back
-    loaded = gpt.read_checkpoint(str(path))
+    loaded = common.read_checkpoint(str(path))
     assert loaded.cfg == tiny_model.cfg
     assert loaded.params_memory.dtype == np.float32
     assert loaded.params_memory.tobytes() == tiny_model.params_memory.tobytes()
@@ -53,9 +54,9 @@ def test_checkpoint_round_trip(tiny_model, tmp_path):
 
 def test_torch_reference_checkpoint_loads(reference):
     import torch_reference
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
-    assert model.cfg == gpt.GPT2Config(**reference["recipe_data"]["config"])
-    assert model.cfg == gpt.GPT2Config(**TINY)
+    model = common.read_checkpoint(str(reference["checkpoint"]))
+    assert model.cfg == common.GPT2Config(**reference["recipe_data"]["config"])
+    assert model.cfg == common.GPT2Config(**TINY)
     # the same weights as PyTorch's llm.c init with the same seed, tensor by tensor
     tm = torch_reference.init_llmc(torch_reference.GPT2(torch_reference.GPT2Config(**TINY)), 1337)
     for (name, tensor), (lname, shape, start, end) in zip(torch_reference.llmc_tensors(tm), llmc_layout(**TINY)):
@@ -65,7 +66,7 @@ def test_torch_reference_checkpoint_loads(reference):
 
 
 def test_random_init_follows_llmc_scheme(tiny_cfg):
-    model = gpt.gpt2_init_random(tiny_cfg, seed=0)
+    model = common.gpt2_init_random(tiny_cfg, seed=0)
     p, L = model.params, tiny_cfg.num_layers
     for name in ("ln1w", "ln2w", "lnfw"):
         assert np.all(getattr(p, name) == 1.0), name
@@ -100,21 +101,21 @@ TINY_FLOATS = num_params_by_formula(16, 64, 128, 2, 2, 32)
 ])
 def test_bad_checkpoint_raises_user_error(tmp_path, case, header, floats, message):
     path = write_checkpoint_bytes(tmp_path / "bad.bin", header, floats)
-    with pytest.raises(gpt.UserError) as info:
-        gpt.read_checkpoint(str(path))
+    with pytest.raises(common.UserError) as info:
+        common.read_checkpoint(str(path))
     assert message in str(info.value) and str(path) in str(info.value)
 
 
 def test_checkpoint_shorter_than_header(tmp_path):
     path = tmp_path / "short.bin"
     path.write_bytes(np.array(TINY_HEADER, dtype="<i4").tobytes())
-    with pytest.raises(gpt.UserError, match="too short"):
-        gpt.read_checkpoint(str(path))
+    with pytest.raises(common.UserError, match="too short"):
+        common.read_checkpoint(str(path))
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(gpt.UserError, match="checkpoint not found"):
-        gpt.read_checkpoint(str(tmp_path / "nope.bin"))
+    with pytest.raises(common.UserError, match="checkpoint not found"):
+        common.read_checkpoint(str(tmp_path / "nope.bin"))
 
 
 # ----------------------------------------------------------------------------- token files
@@ -123,7 +124,7 @@ def test_missing_checkpoint(tmp_path):
 def test_read_token_file(tmp_path):
     tokens = np.array([50256, 5962, 22307, 25, 198, 0, 65535], dtype=np.uint16)
     path = write_token_file(tmp_path / "t.bin", tokens)
-    got = gpt.read_token_file(str(path))
+    got = common.read_token_file(str(path))
     np.testing.assert_array_equal(np.asarray(got), tokens)
 
 
@@ -138,28 +139,28 @@ def test_bad_token_file(tmp_path, case, kwargs, cut, message):
     path = write_token_file(tmp_path / "t.bin", np.arange(10), **kwargs)
     if cut:
         path.write_bytes(path.read_bytes()[:-cut])
-    with pytest.raises(gpt.UserError, match=message):
-        gpt.read_token_file(str(path), 64)
+    with pytest.raises(common.UserError, match=message):
+        common.read_token_file(str(path), 64)
 
 
 def test_token_id_outside_vocab(tmp_path):
     path = write_token_file(tmp_path / "t.bin", [1, 2, 64, 3])
-    with pytest.raises(gpt.UserError, match="token id 64 is outside the vocabulary"):
-        gpt.read_token_file(str(path), 64)
-    assert gpt.read_token_file(str(path), 65) is not None
+    with pytest.raises(common.UserError, match="token id 64 is outside the vocabulary"):
+        common.read_token_file(str(path), 64)
+    assert common.read_token_file(str(path), 65) is not None
 
 
 def test_missing_token_file(tmp_path):
-    with pytest.raises(gpt.UserError, match="token file not found"):
-        gpt.read_token_file(str(tmp_path / "none.bin"))
-    with pytest.raises(gpt.UserError, match="no token file matches"):
-        gpt.DataLoader(str(tmp_path / "none_*.bin"), 2, 4, 64)
+    with pytest.raises(common.UserError, match="token file not found"):
+        common.read_token_file(str(tmp_path / "none.bin"))
+    with pytest.raises(common.UserError, match="no token file matches"):
+        common.DataLoader(str(tmp_path / "none_*.bin"), 2, 4, 64)
 
 
 def test_token_file_too_small_for_a_batch(tmp_path):
     path = write_token_file(tmp_path / "t.bin", np.arange(8))  # 7 // 4 = 1 sample < B=2
-    with pytest.raises(gpt.UserError, match="too few for one batch"):
-        gpt.DataLoader(str(path), 2, 4, 64)
+    with pytest.raises(common.UserError, match="too few for one batch"):
+        common.DataLoader(str(path), 2, 4, 64)
 
 
 # ----------------------------------------------------------------------------- sequence length
@@ -167,11 +168,11 @@ def test_token_file_too_small_for_a_batch(tmp_path):
 
 def test_sequence_longer_than_max_seq_len(tiny_model):
     T = TINY["max_seq_len"] + 1
-    with pytest.raises(gpt.UserError, match=f"T={T} exceeds the model's max_seq_len=16"):
+    with pytest.raises(common.UserError, match=f"T={T} exceeds the model's max_seq_len=16"):
         gpt.ensure_activations(tiny_model, 1, T)
-    with pytest.raises(gpt.UserError, match="max_seq_len"):
+    with pytest.raises(common.UserError, match="max_seq_len"):
         gpt.gpt2_forward(tiny_model, np.zeros((1, T), np.int32), np.zeros((1, T), np.int32))
-    with pytest.raises(gpt.UserError, match="max_seq_len"):
+    with pytest.raises(common.UserError, match="max_seq_len"):
         gpt.generate(tiny_model, [1, 2, 3], 14)
     gpt.gpt2_forward(tiny_model, np.zeros((1, T - 1), np.int32))  # T == max_seq_len is fine
 
@@ -181,7 +182,7 @@ def test_sequence_longer_than_max_seq_len(tiny_model):
 
 def test_read_debug_state_matches_layout(reference):
     from conftest import read_state_file
-    cfg = gpt.GPT2Config(**TINY)
+    cfg = common.GPT2Config(**TINY)
     x, y, logits, loss, grads = test_gpt2.read_debug_state(str(reference["state"]), cfg)
     mine = read_state_file(reference["state"], TINY["vocab_size"], llmc_layout(**TINY)[-1][3])
     assert (mine["B"], mine["T"]) == (TINY_B, TINY_T)
@@ -194,8 +195,8 @@ def test_read_debug_state_matches_layout(reference):
 
 
 def test_missing_debug_state(tmp_path):
-    with pytest.raises(gpt.UserError, match="debug state not found"):
-        test_gpt2.read_debug_state(str(tmp_path / "none.bin"), gpt.GPT2Config(**TINY))
+    with pytest.raises(common.UserError, match="debug state not found"):
+        test_gpt2.read_debug_state(str(tmp_path / "none.bin"), common.GPT2Config(**TINY))
 
 
 # ----------------------------------------------------------------------------- the CLI's errors
@@ -214,7 +215,7 @@ def assert_cli_error(proc, *fragments):
 def other_shape_checkpoint(tmp_path_factory):
     """A checkpoint of another shape (C=16): the tiny debug state does not fit it."""
     path = tmp_path_factory.mktemp("other") / "c16.bin"
-    gpt.write_checkpoint(gpt.gpt2_init_random(gpt.GPT2Config(16, 64, 128, 2, 2, 16), seed=1), str(path))
+    common.write_checkpoint(common.gpt2_init_random(common.GPT2Config(16, 64, 128, 2, 2, 16), seed=1), str(path))
     return path
 
 
@@ -271,7 +272,7 @@ def collect(loader, n):
 def test_dataloader_sequential_matches_llmc_chunks(tmp_path):
     B, T = 2, 4
     path, tokens = make_tokens(tmp_path, 3 * B * T + 3)  # 3 full batches, a few tokens left over
-    loader = gpt.DataLoader(str(path), B, T, LV)
+    loader = common.DataLoader(str(path), B, T, LV)
     assert loader.num_batches() == 3
     batches = collect(loader, 7)
     for i, (x, y) in enumerate(batches):
@@ -285,22 +286,22 @@ def test_dataloader_shuffle_is_a_seeded_permutation(tmp_path):
     B, T = 2, 4
     path, tokens = make_tokens(tmp_path, 20 * T + 1)  # 20 samples, 10 batches
     rows = lambda batches: [tuple(x[r]) + (int(y[r, -1]),) for x, y in batches for r in range(B)]  # noqa: E731
-    sequential = rows(collect(gpt.DataLoader(str(path), B, T, LV), 10))
-    a = rows(collect(gpt.DataLoader(str(path), B, T, LV, shuffle=True, seed=1), 10))
-    b = rows(collect(gpt.DataLoader(str(path), B, T, LV, shuffle=True, seed=1), 10))
-    c = rows(collect(gpt.DataLoader(str(path), B, T, LV, shuffle=True, seed=2), 10))
+    sequential = rows(collect(common.DataLoader(str(path), B, T, LV), 10))
+    a = rows(collect(common.DataLoader(str(path), B, T, LV, shuffle=True, seed=1), 10))
+    b = rows(collect(common.DataLoader(str(path), B, T, LV, shuffle=True, seed=1), 10))
+    c = rows(collect(common.DataLoader(str(path), B, T, LV, shuffle=True, seed=2), 10))
     assert sorted(a) == sorted(sequential) and len(set(a)) == 20
     assert sorted(c) == sorted(sequential)
     assert a == b
     assert a != c
     assert a != sequential
     # every shuffled sample is still a contiguous window with its target shifted by one
-    for x, y in collect(gpt.DataLoader(str(path), B, T, LV, shuffle=True, seed=3), 10):
+    for x, y in collect(common.DataLoader(str(path), B, T, LV, shuffle=True, seed=3), 10):
         for r in range(B):
             np.testing.assert_array_equal(x[r, 1:], y[r, :-1])
             assert (int(y[r, -1]) - int(x[r, -1])) % LV == 7
     # the second epoch is again a permutation of all samples
-    loader = gpt.DataLoader(str(path), B, T, LV, shuffle=True, seed=1)
+    loader = common.DataLoader(str(path), B, T, LV, shuffle=True, seed=1)
     two_epochs = rows(collect(loader, 20))
     assert sorted(two_epochs[20:]) == sorted(sequential)
 
@@ -311,14 +312,14 @@ def test_dataloader_state_resumes_exact_next_batch(tmp_path, shuffle):
     path_a, _ = make_tokens(tmp_path, 6 * T + 1, "shard_000.bin")
     path_b, _ = make_tokens(tmp_path, 8 * T + 1, "shard_001.bin", start=3)
     pattern = str(tmp_path / "shard_*.bin")
-    reference = gpt.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
+    reference = common.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
     assert reference.num_batches() == 3 + 4
     expected = collect(reference, 20)  # crosses both files and two epochs
     for k in (0, 2, 3, 6, 7, 11):
-        loader = gpt.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
+        loader = common.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
         collect(loader, k)
         saved = dict(loader.state())
-        resumed = gpt.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
+        resumed = common.DataLoader(pattern, B, T, LV, shuffle=shuffle, seed=9)
         resumed.set_state(saved)
         for i, (x, y) in enumerate(collect(resumed, 20 - k)):
             np.testing.assert_array_equal(x, expected[k + i][0], err_msg=f"resume at {k}, batch {k + i}")
@@ -329,7 +330,7 @@ def test_dataloader_visits_files_in_order(tmp_path):
     B, T = 2, 4
     _, ta = make_tokens(tmp_path, 2 * B * T + 1, "shard_000.bin")
     _, tb = make_tokens(tmp_path, 1 * B * T + 1, "shard_001.bin", start=5)
-    loader = gpt.DataLoader(str(tmp_path / "shard_*.bin"), B, T, LV)
+    loader = common.DataLoader(str(tmp_path / "shard_*.bin"), B, T, LV)
     got = [x.reshape(-1) for x, _ in collect(loader, 4)]
     np.testing.assert_array_equal(got[0], ta[:8])
     np.testing.assert_array_equal(got[1], ta[8:16])
@@ -339,8 +340,8 @@ def test_dataloader_visits_files_in_order(tmp_path):
 
 def test_dataloader_checks_vocab(tmp_path):
     path = write_token_file(tmp_path / "t.bin", [1, 2, 3, 4, 5, 6, 7, 8, 99])
-    with pytest.raises(gpt.UserError, match="token id 99"):
-        gpt.DataLoader(str(path), 1, 4, 64)
+    with pytest.raises(common.UserError, match="token id 99"):
+        common.DataLoader(str(path), 1, 4, 64)
 
 
 def test_torch_reference_tokens_option(tmp_path):
@@ -351,9 +352,9 @@ def test_torch_reference_tokens_option(tmp_path):
                        "--heads", 2, "--channels", 16, "--vocab-size", 64, "--max-seq-len", 16, "--B", 2, "--T", 8,
                        "--steps", 1, "--tokens", path, "--out-checkpoint", ckpt, "--out-state", state])
     assert proc.returncode == 0, proc.stderr
-    cfg = gpt.read_checkpoint(str(ckpt)).cfg
+    cfg = common.read_checkpoint(str(ckpt)).cfg
     x, y, *_ = test_gpt2.read_debug_state(str(state), cfg)
-    loader = gpt.DataLoader(str(path), 2, 8, 64)
+    loader = common.DataLoader(str(path), 2, 8, 64)
     lx, ly = loader.next_batch()
     np.testing.assert_array_equal(x, lx)
     np.testing.assert_array_equal(y, ly)
@@ -427,14 +428,14 @@ def test_forward_rejects_out_of_range_ids(tiny_model):
     x = np.zeros((2, 8), dtype=np.int32)
     y = np.zeros((2, 8), dtype=np.int32)
     x[1, 3] = 64  # vocab_size of the tiny config
-    with pytest.raises(gpt.UserError, match="token id 64 is outside the vocabulary"):
+    with pytest.raises(common.UserError, match="token id 64 is outside the vocabulary"):
         gpt.gpt2_forward(tiny_model, x, y)
     x[1, 3] = -2
-    with pytest.raises(gpt.UserError, match="token id -2"):
+    with pytest.raises(common.UserError, match="token id -2"):
         gpt.gpt2_forward(tiny_model, x, y)
     x[1, 3] = 0
     y[0, 0] = -2  # only -1 masks
-    with pytest.raises(gpt.UserError, match="targets"):
+    with pytest.raises(common.UserError, match="targets"):
         gpt.gpt2_forward(tiny_model, x, y)
     y[0, 0] = -1
     assert np.isfinite(gpt.gpt2_forward(tiny_model, x, y))

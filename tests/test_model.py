@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_common as common
 import train_gpt2 as gpt
 from conftest import (TEST_GPT2, TINY, TINY_B, TINY_T, TORCH_REFERENCE, llmc_layout,
                       load_torch_reference_model, read_state_file, run_python, torch_grads_flat)
@@ -161,7 +162,7 @@ def test_parity_without_recipe_checks_step_zero_only(reference, tmp_path):
 def test_forward_backward_match_pytorch_float64(reference):
     """Loss, logits (padding columns included) and every gradient against a float64
     PyTorch run of the same weights on a new batch."""
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
+    model = common.read_checkpoint(str(reference["checkpoint"]))
     x, y = random_batch(11, 3, 7)
     loss = gpt.gpt2_forward(model, x, y)
     ref_loss, ref_grads, ref_logits = torch_loss_and_grads(reference["checkpoint"], x, y)
@@ -180,7 +181,7 @@ def test_gradient_accumulation_equals_full_batch(reference):
     x, y = random_batch(21, 4, TINY_T)
     ref_loss, ref_grads, _ = torch_loss_and_grads(reference["checkpoint"], x, y)
 
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
+    model = common.read_checkpoint(str(reference["checkpoint"]))
     full_loss = gpt.gpt2_forward(model, x, y)
     gpt.gpt2_backward(model, accumulate=False, loss_scale=1.0)
     full = model.grads_memory.copy()
@@ -210,7 +211,7 @@ def test_masked_targets_contribute_nothing(reference):
     mask[1, [0, 2]] = True
     y_masked = np.where(mask, -1, y).astype(np.int32)
 
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
+    model = common.read_checkpoint(str(reference["checkpoint"]))
     loss = gpt.gpt2_forward(model, x, y_masked)
     # independently: mean over the unmasked positions of -log softmax(logits[:V])[target]
     # with PyTorch's logits in float64
@@ -221,7 +222,7 @@ def test_masked_targets_contribute_nothing(reference):
     manual = float(np.mean((lse - z[np.arange(z.shape[0]), flat_y])[keep]))
     assert ref_loss == pytest.approx(manual, rel=1e-12)
     assert loss == pytest.approx(manual, rel=1e-6)
-    unmasked_loss = gpt.gpt2_forward(gpt.read_checkpoint(str(reference["checkpoint"])), x, y)
+    unmasked_loss = gpt.gpt2_forward(common.read_checkpoint(str(reference["checkpoint"])), x, y)
     assert abs(unmasked_loss - loss) > 1e-4  # the mask did change something
 
     gpt.gpt2_forward(model, x, y_masked)
@@ -231,7 +232,7 @@ def test_masked_targets_contribute_nothing(reference):
 
 def test_all_targets_masked_gives_zero_loss_and_gradient(reference):
     x, _ = random_batch(41, TINY_B, TINY_T)
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
+    model = common.read_checkpoint(str(reference["checkpoint"]))
     loss = gpt.gpt2_forward(model, x, np.full_like(x, -1))
     assert loss == 0.0
     gpt.gpt2_backward(model)
@@ -243,6 +244,7 @@ def test_all_targets_masked_gives_zero_loss_and_gradient(reference):
 DETERMINISM_SCRIPT = """
 import sys
 import numpy as np
+import gpt2_common as common
 import train_gpt2 as gpt
 
 
@@ -250,7 +252,7 @@ def run(ckpt):
     r = np.random.default_rng(5)
     tokens = r.integers(0, 64, size=2 * 8 + 1).astype(np.int32)
     x, y = tokens[:-1].reshape(2, 8), tokens[1:].reshape(2, 8)
-    model = gpt.read_checkpoint(ckpt)
+    model = common.read_checkpoint(ckpt)
     losses = []
     for step in range(3):
         losses.append(gpt.gpt2_forward(model, x, y))
@@ -318,7 +320,7 @@ def reference_sample(logits, V, temperature, top_k, coin):
 def peaky_model(reference):
     """The reference weights with wte scaled up, so next-token distributions are peaked and
     a wrong logit would change the sampled tokens."""
-    model = gpt.read_checkpoint(str(reference["checkpoint"]))
+    model = common.read_checkpoint(str(reference["checkpoint"]))
     model.params.wte[...] *= 4.0  # top token probability ~0.2 instead of ~0.02
     return model
 
@@ -357,7 +359,7 @@ def load_torch_reference_model_from(model):
 
 def test_decode_step_logits_match_forward(peaky_model):
     seq = np.array([[5, 9, 60, 1, 33, 33, 7, 2, 48, 11]], dtype=np.int32)
-    scratch = gpt.GPT2(peaky_model.cfg)  # fresh buffers, same parameters
+    scratch = common.GPT2(peaky_model.cfg)  # fresh buffers, same parameters
     scratch.params_memory[:] = peaky_model.params_memory
     gpt.gpt2_forward(scratch, seq)
     full = scratch.acts.logits.copy()

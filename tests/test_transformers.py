@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_common as common
 import train_gpt2 as gpt
 from conftest import REPO_ROOT, subprocess_env, write_token_file
 
@@ -74,12 +75,12 @@ def hf_loss(model, tokens):
 
 
 def test_export_hf_folder_loads_in_transformers_with_our_logits(tmp_path):
-    model = gpt.gpt2_init_random(gpt.GPT2Config(MAXT, V, 128, L, NH, C), seed=4)
+    model = common.gpt2_init_random(common.GPT2Config(MAXT, V, 128, L, NH, C), seed=4)
     rng = np.random.default_rng(0)
     model.params_memory[:] = rng.normal(0, 0.1, model.params_memory.size).astype(np.float32)
     model.params.wte[V:] = 0.0
     init = tmp_path / "init.bin"
-    gpt.write_checkpoint(model, str(init))
+    common.write_checkpoint(model, str(init))
     out = tmp_path / "hf"
     proc = run_train(["-e", init, "--sample", "-g", 1, "--export-hf", out, "--tokenizer", "none"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -96,7 +97,7 @@ def test_export_hf_folder_loads_in_transformers_with_our_logits(tmp_path):
         theirs = loaded(torch.from_numpy(idx).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     # and -e reads the folder back to the same bytes
-    assert gpt.gpt2_from_hf(str(out)).params_memory.tobytes() == model.params_memory.tobytes()
+    assert common.gpt2_from_hf(str(out)).params_memory.tobytes() == model.params_memory.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -117,7 +118,7 @@ def test_save_pretrained_folder_and_file_load_with_transformers_loss(tmp_path, v
 def test_bfloat16_safetensors_are_widened_exactly(tmp_path):
     values = torch.randn(5, 7).to(torch.bfloat16)
     save_file({"x": values}, str(tmp_path / "x.safetensors"))
-    got = gpt.read_safetensors(str(tmp_path / "x.safetensors"))["x"]
+    got = common.read_safetensors(str(tmp_path / "x.safetensors"))["x"]
     assert got.dtype == np.float32 and np.array_equal(got, values.float().numpy())
 
 
@@ -139,7 +140,7 @@ def test_hf_weights_with_bad_tensors_name_them(tmp_path, damage):
     folder = tmp_path / "hf"
     hf_model(seed=1).save_pretrained(str(folder))
     weights = folder / "model.safetensors"
-    sd = gpt.read_safetensors(str(weights))
+    sd = common.read_safetensors(str(weights))
     name = "transformer.h.1.mlp.c_fc.weight"
     if damage == "missing":
         del sd[name]
@@ -150,7 +151,7 @@ def test_hf_weights_with_bad_tensors_name_them(tmp_path, damage):
     elif damage == "config":
         (folder / "config.json").write_text((folder / "config.json").read_text().replace(f'"n_layer": {L}', '"n_layer": 3'))
         fragment = "config.json says n_layer=3, the tensors say 2"
-    gpt.write_safetensors(str(weights), {k: v for k, v in sd.items()})
+    common.write_safetensors(str(weights), {k: v for k, v in sd.items()})
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:-100])
         fragment = "truncated or corrupt"

