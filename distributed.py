@@ -193,6 +193,69 @@ def setup(device):
 
 
 # -----------------------------------------------------------------------------
+# NCCL between GPUs (CuPy's binding: the communicator CuPy itself ships and tests)
+
+
+class NCCLGroup:
+    """The GPU ranks' NCCL communicator: collectives on device float32 buffers, given as
+    raw device pointers, on the default stream (where the Numba kernels and cuBLAS run,
+    so they order after the backward pass with no extra synchronization). Shards are
+    equal: the flat buffers are padded to a multiple of the world size."""
+
+    def __init__(self, group, init_dir=None):
+        from cupy.cuda import nccl
+        self.nccl, self.group = nccl, group
+        self.rank, self.world, self.local_rank = group.rank, group.world, group.local_rank
+        self.engine = f"nccl ({group.engine} launch)"
+        uid = share_nccl_id(group, lambda: bytes(b % 256 for b in nccl.get_unique_id()), init_dir)
+        self.comm = nccl.NcclCommunicator(self.world, tuple(b - 256 if b > 127 else b for b in uid), self.rank)
+
+    def allreduce_sum(self, pointer, count):
+        self.comm.allReduce(pointer, pointer, count, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, 0)
+
+    def reduce_scatter_sum(self, pointer, shard_pointer, shard_count):
+        self.comm.reduceScatter(pointer, shard_pointer, shard_count, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, 0)
+
+    def allgather(self, pointer, shard_count):
+        """In place: rank r's shard sits at shard r of the buffer."""
+        own = pointer + 4 * self.rank * shard_count
+        self.comm.allGather(own, pointer, shard_count, self.nccl.NCCL_FLOAT32, 0)
+
+    def sum_float64(self, pointer, count):
+        """In place, for the gradient norm's partial sums of squares."""
+        self.comm.allReduce(pointer, pointer, count, self.nccl.NCCL_FLOAT64, self.nccl.NCCL_SUM, 0)
+
+    # host-side agreement (loss, Ctrl-C, replica check, checkpoint barrier) goes through MPI
+    # when there is MPI; under an environment launch, NCCL carries these few numbers too
+    def sum(self, value):
+        return self.group.sum(value) if self.group.engine == "mpi" else self._host_reduce([value], "sum")[0]
+
+    def any(self, flag):
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def all_equal(self, value):
+        if self.group.engine == "mpi":
+            return self.group.all_equal(value)
+        high, negated_low = self._host_reduce([float(value), -float(value)], "max")
+        return high == -negated_low
+
+    def barrier(self):
+        self.sum(0.0)
+
+    def abort(self, code):
+        if self.group.engine == "mpi":
+            self.group.abort(code)
+        self.comm.abort()
+
+    def _host_reduce(self, values, op):
+        import cupy
+        device = cupy.asarray(values, dtype=cupy.float64)
+        reduction = self.nccl.NCCL_SUM if op == "sum" else self.nccl.NCCL_MAX
+        self.comm.allReduce(device.data.ptr, device.data.ptr, device.size, self.nccl.NCCL_FLOAT64, reduction, 0)
+        return device.get().tolist()
+
+
+# -----------------------------------------------------------------------------
 # The NCCL id: made by rank 0, read by every other rank before the communicator is built
 
 

@@ -24,7 +24,7 @@ import numpy as np
 # File formats shared with llm.c. Each file starts with 256 little-endian int32.
 
 HEADER_INTS = 256
-CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3
+CHECKPOINT_MAGIC, CHECKPOINT_VERSION, CHECKPOINT_VERSION_BF16 = 20240326, 3, 5
 STATE_MAGIC, STATE_VERSION = 20240327, 2
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
 TOKENIZER_MAGIC = 20240328
@@ -68,6 +68,19 @@ def write_file_atomic(path, chunks):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def bfloat16_to_float32(bits):
+    """bfloat16 is the top half of a float32: widen uint16 bit patterns exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16(x):
+    """uint16 bfloat16 bit patterns of float32 values, rounded to nearest, ties to even
+    (as PyTorch, ml_dtypes and CUDA's __float2bfloat16_rn); NaN stays a quiet NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
 
 
 # -----------------------------------------------------------------------------
@@ -253,35 +266,43 @@ def gpt2_init_random(cfg, seed):
 
 
 def read_checkpoint(path):
-    """Load an llm.c version-3 (float32) checkpoint into a new model."""
+    """Load an llm.c checkpoint into a new model: version 3 (float32), or version 5
+    (bfloat16, what llm.c's mixed-precision runs write), widened exactly to float32."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        header = read_header(f, path, CHECKPOINT_MAGIC, (3, 5))
-        if header[1] == 5:
-            raise UserError(f"{path}: bfloat16 checkpoints (version 5) are not supported; write a float32 one (version 3)")
+        header = read_header(f, path, CHECKPOINT_MAGIC, (CHECKPOINT_VERSION, CHECKPOINT_VERSION_BF16))
+        bytes_per_value = 2 if header[1] == CHECKPOINT_VERSION_BF16 else 4
         maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
         if min(maxT, V, L, NH, C) <= 0 or C % NH or Vp < V:
             raise UserError(f"{path}: header describes an impossible model (maxT={maxT}, V={V}, L={L}, NH={NH}, C={C}, Vp={Vp})")
         cfg = GPT2Config(maxT, V, Vp, L, NH, C)
         model = GPT2(cfg)
-        expected = HEADER_INTS * 4 + model.num_parameters * 4
+        expected = HEADER_INTS * 4 + model.num_parameters * bytes_per_value
         actual = os.path.getsize(path)
         if actual != expected:
             raise UserError(f"{path}: size {actual} bytes, but its header describes {expected} bytes (truncated or corrupt)")
-        f.readinto(memoryview(model.params_memory).cast("B"))
+        if bytes_per_value == 4:
+            f.readinto(memoryview(model.params_memory).cast("B"))
+        else:
+            model.params_memory[:] = bfloat16_to_float32(np.fromfile(f, dtype="<u2", count=model.num_parameters))
     return model
 
 
-def checkpoint_header(cfg):
+def checkpoint_header(cfg, version=CHECKPOINT_VERSION):
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, cfg.max_seq_len, cfg.vocab_size,
+    header[:8] = [CHECKPOINT_MAGIC, version, cfg.max_seq_len, cfg.vocab_size,
                   cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size]
     return header
 
 
-def write_checkpoint(model, path):
-    write_file_atomic(path, [checkpoint_header(model.cfg), model.params_memory])
+def write_checkpoint(model, path, bfloat16=False):
+    """An llm.c checkpoint: version 3 (float32), or version 5 (bfloat16, rounded to nearest even)."""
+    if bfloat16:
+        write_file_atomic(path, [checkpoint_header(model.cfg, CHECKPOINT_VERSION_BF16),
+                                 float32_to_bfloat16(model.params_memory)])
+    else:
+        write_file_atomic(path, [checkpoint_header(model.cfg), model.params_memory])
 
 
 def ensure_gradients(model):
@@ -441,11 +462,6 @@ HF_LAYER_NAMES = [  # (our tensor, HF name within block i)
 ]
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
-
-
-def bfloat16_to_float32(bits):
-    """bfloat16 is the top half of a float32: widen the uint16 bit patterns exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def read_safetensors(path):
