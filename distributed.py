@@ -152,6 +152,24 @@ class MPIGroup:
     def barrier(self):
         self.comm.Barrier()
 
+    # the same collectives on device arrays, through host copies: what GPU ranks use
+    # under Numba's CUDA simulator (no NCCL there), so the tests cover the CUDA target's
+    # data-parallel logic on a machine without a GPU
+    def allreduce_sum_device(self, array):
+        host = array.copy_to_host()
+        self.allreduce_sum(host)
+        array.copy_to_device(host)
+
+    def reduce_scatter_sum_device(self, array, shard):
+        host, part = array.copy_to_host(), np_empty_like(shard)
+        self.comm.Reduce_scatter_block(host, part, op=self.MPI.SUM)
+        shard.copy_to_device(part)
+
+    def allgather_device(self, array):
+        host = array.copy_to_host()
+        self.comm.Allgather(self.MPI.IN_PLACE, host)
+        array.copy_to_device(host)
+
     def abort(self, code):
         """End every rank of the job, not only this one (the others may be inside a collective)."""
         sys.stdout.flush()
@@ -174,26 +192,42 @@ def environment_rank():
     return rank, world, rank if local_rank is None else local_rank
 
 
-def setup(device):
-    """The process group of this run: SINGLE, an MPIGroup, or (GPUs, environment
-    launch) the ranks from the environment, whose NCCL id is exchanged later."""
+def setup(device, nccl_init_dir=None):
+    """The process group of this run: SINGLE for one process; an MPIGroup between CPU
+    processes; an NCCLGroup between GPUs, each rank on GPU LOCAL_RANK (under Numba's
+    CUDA simulator, which has no NCCL, the MPIGroup stands in, copying through the host)."""
     if launched_by_mpi():
         group = MPIGroup()
-        return group if group.world > 1 else SINGLE
-    if launched_by_environment():
+    elif launched_by_environment():
         rank, world, local_rank = environment_rank()
-        if world == 1:
-            return SINGLE
-        if device != "cuda":
+        if world > 1 and device != "cuda":
             raise DistributedError("CPU data parallel runs through MPI: launch with mpirun -np N python train_gpt2.py")
-        group = Single()  # no host collectives: NCCL carries everything
+        group = Single()  # no host engine: NCCL carries everything, the few host numbers too
         group.rank, group.world, group.local_rank, group.engine = rank, world, local_rank, "environment"
+    else:
+        return SINGLE
+    if group.world == 1:
+        return SINGLE
+    if device != "cuda" or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return group
-    return SINGLE
+    from numba import cuda
+    cuda.select_device(group.local_rank)  # before CuPy, cuBLAS and NCCL bind to the current device
+    import cupy
+    cupy.cuda.Device(group.local_rank).use()
+    return NCCLGroup(group, nccl_init_dir)
 
 
 # -----------------------------------------------------------------------------
 # NCCL between GPUs (CuPy's binding: the communicator CuPy itself ships and tests)
+
+
+def np_empty_like(device_array):
+    import numpy as np
+    return np.empty(device_array.shape, dtype=device_array.dtype)
+
+
+def device_pointer(array):
+    return array.__cuda_array_interface__["data"][0]
 
 
 class NCCLGroup:
@@ -210,20 +244,25 @@ class NCCLGroup:
         uid = share_nccl_id(group, lambda: bytes(b % 256 for b in nccl.get_unique_id()), init_dir)
         self.comm = nccl.NcclCommunicator(self.world, tuple(b - 256 if b > 127 else b for b in uid), self.rank)
 
-    def allreduce_sum(self, pointer, count):
-        self.comm.allReduce(pointer, pointer, count, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, 0)
+    def _type(self, array):
+        return self.nccl.NCCL_FLOAT64 if array.dtype.itemsize == 8 else self.nccl.NCCL_FLOAT32
 
-    def reduce_scatter_sum(self, pointer, shard_pointer, shard_count):
-        self.comm.reduceScatter(pointer, shard_pointer, shard_count, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, 0)
+    def allreduce_sum_device(self, array):
+        """In place, float32 or float64."""
+        pointer = device_pointer(array)
+        self.comm.allReduce(pointer, pointer, array.size, self._type(array), self.nccl.NCCL_SUM, 0)
 
-    def allgather(self, pointer, shard_count):
-        """In place: rank r's shard sits at shard r of the buffer."""
-        own = pointer + 4 * self.rank * shard_count
-        self.comm.allGather(own, pointer, shard_count, self.nccl.NCCL_FLOAT32, 0)
+    def reduce_scatter_sum_device(self, array, shard):
+        """shard = this rank's 1/N of the sum of every rank's array (array.size = N * shard.size)."""
+        self.comm.reduceScatter(device_pointer(array), device_pointer(shard), shard.size, self._type(array),
+                                self.nccl.NCCL_SUM, 0)
 
-    def sum_float64(self, pointer, count):
-        """In place, for the gradient norm's partial sums of squares."""
-        self.comm.allReduce(pointer, pointer, count, self.nccl.NCCL_FLOAT64, self.nccl.NCCL_SUM, 0)
+    def allgather_device(self, array):
+        """In place: each rank's 1/N of array (its own shard, updated) to every rank."""
+        count = array.size // self.world
+        pointer = device_pointer(array)
+        own = pointer + array.dtype.itemsize * self.rank * count
+        self.comm.allGather(own, pointer, count, self._type(array), 0)
 
     # host-side agreement (loss, Ctrl-C, replica check, checkpoint barrier) goes through MPI
     # when there is MPI; under an environment launch, NCCL carries these few numbers too

@@ -1213,7 +1213,7 @@ def cli(argv=None):
     dist = SINGLE
     try:
         args = parse_args(argv)
-        dist = distributed.setup(args.device)
+        dist = distributed.setup(args.device, args.nccl_init_dir)
         return main(args, dist)
     except (UserError, distributed.DistributedError) as e:
         print(f"error{f' (rank {dist.rank} of {dist.world})' if dist.world > 1 else ''}: {e}", file=sys.stderr)

@@ -2,28 +2,44 @@
 GPT-2 training on an NVIDIA GPU: the CUDA twin of train_gpt2.py (as llm.c has
 train_gpt2.c and train_gpt2.cu).
 
+Shape, as llm.c: flat functions over one struct of device buffers. `to_device(model,
+B, T)` copies a gpt2_common.GPT2's parameters to the GPU and allocates, once, every
+buffer a step needs (the `dm`); `gpt2_forward_cuda`, `mean_loss_cuda`,
+`gpt2_backward_cuda` and `gpt2_update_cuda` run a step on it, each layer one kernel
+launcher (`encoder_layernorm`, `attention_forward`, `colsum`, `adamw`, ...) over a
+numba.cuda kernel (k_*). `CUDA`, at the end, is the training target that train_gpt2.py's
+main() and test_gpt2.py use (the gpt2_common.Device interface, as train_gpt2.CPU): a
+thin wrapper over those functions plus the host copies (params_to_host, state_to_host,
+state_from_host, logits_to_host, grads_to_host). This module imports gpt2_common, never
+train_gpt2.
+
 The device buffers have exactly the CPU module's layout: one float32 buffer of
 parameters (llm.c checkpoint order), gradients, AdamW m and v of the same layout,
-one activation buffer sliced by `cpu.activation_shapes`, one backward-scratch buffer
-sliced by `cpu.activation_grad_shapes` (plus the attention scratch). A host copy of
+one activation buffer sliced by `common.activation_shapes`, one backward-scratch buffer
+sliced by `common.activation_grad_shapes` (plus the attention scratch). A host copy of
 any of them is one memcpy. Every non-matmul layer is a numba.cuda kernel computing
 the same math as its CPU twin; the matmuls go through cuBLAS (CuPy's raw bindings),
 TF32 tensor cores or strict fp32 by the handle's math mode.
 
-Attention never permutes q, k, v (attention="pointers", the default): pointer-array
-batched GEMMs (one matrix per (batch, head)) read them in place from the qkv rows and
-write the head outputs in place into atty / dqkv. attention="strided" is llm.c's way
-(head-major copies, strided batched GEMMs); on an H100 it measured slower (110 vs 100
-ms per step at B=16, T=1024, TF32): cuBLAS picks the same kernels, and the copies cost.
-The causal mask is exploited by splitting the T query rows into blocks: block i only
-multiplies against keys 0..end_i, so about (NB+1)/(2 NB) of the T x T work and traffic
-is done. Entries above the diagonal of `att` stay zero.
+Attention never permutes q, k, v: pointer-array batched GEMMs (one matrix per (batch,
+head)) read them in place from the qkv rows and write the head outputs in place into
+atty / dqkv. The causal mask is exploited by splitting the T query rows into blocks:
+block i only multiplies against keys 0..end_i, so about (NB+1)/(2 NB) of the T x T work
+and traffic is done. Entries above the diagonal of `att` stay zero. The softmax is one
+warp per row, straight from device memory.
+
+Measured and removed (on an H100, B=16, T=1024, TF32): llm.c's head-major layout
+(q, k, v permuted into per-head copies, strided batched GEMMs, the outputs merged
+back) was slower, 110 vs 100 ms per step: cuBLAS picks the same GEMM kernels, and the
+copies cost; softmax kernels staging each row in shared memory measured no faster
+than the plain ones.
 
 Everything is allocated once in `to_device`; a training step does two small async
 host-to-device copies from a pinned staging buffer (tokens and targets in the forward;
-the encoder-backward buckets, built on the host while the device runs the forward, in
-the backward) and no device allocation. The only device-to-host reads are the ones the
-caller asks for (`mean_loss_cuda`, `read_norm`, the *_to_host functions).
+the encoder-backward buckets, built on the host while the device runs the forward,
+behind them) and no device allocation. The only device-to-host reads are the ones the
+caller asks for: through `CUDA`, the loss of each forward and the norm of each update
+(one wait each), and the *_to_host copies.
 
 With NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's simulator and cuBLAS is
 replaced by a numpy emulation of the same column-major calls (pointers, leading
@@ -37,7 +53,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64
 
-import train_gpt2 as cpu
+import gpt2_common as common
 
 SIM = bool(numba_config.ENABLE_CUDASIM)
 try:  # tiny test grids would warn about occupancy
@@ -61,10 +77,6 @@ CS_COLS = 8 if SIM else 32             # column-sum kernels: block = CS_COLS col
 CS_ROWS = 2 if SIM else 8
 CS_CHUNK = 8 if SIM else 512           # rows per column-sum block (partials per chunk, then a fixed-order sum)
 ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
-TMAX = 64 if SIM else 1024             # longest attention row the shared-memory softmax kernels stage
-SM_ROWS_FWD = 2 if SIM else 8          # their rows per block (shared: rows x TMAX floats, 1 or 2 arrays)
-SM_ROWS_BWD = 2 if SIM else 4
-SOFTMAX_SHARED = False                 # True: rows staged in shared memory (measured no faster on an H100)
 
 F0 = np.float32(0.0)
 ONE = np.float32(1.0)
@@ -72,8 +84,8 @@ HALF = np.float32(0.5)
 THREE = np.float32(3.0)
 NEG_INF = np.float32(-np.inf)
 EPS = np.float32(1e-5)
-GELU_SCALE = cpu.GELU_SCALE
-GELU_CUBE = cpu.GELU_CUBE
+GELU_SCALE = common.GELU_SCALE
+GELU_CUBE = common.GELU_CUBE
 FULL_MASK = 0xFFFFFFFF
 
 CUBLAS_DEFAULT_MATH = 0
@@ -337,72 +349,6 @@ def k_softmax_forward(att, Tb):
 
 
 @cuda.jit(**JIT)
-def k_softmax_forward_shared(att, Tb):
-    # k_softmax_forward with the row staged in shared memory: one read and one write of
-    # each score in device memory (T <= TMAX)
-    sh = cuda.shared.array((SM_ROWS_FWD, LANES), float32)
-    buf = cuda.shared.array((SM_ROWS_FWD, TMAX), float32)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    BNH, T, _ = att.shape
-    r = cuda.blockIdx.x * SM_ROWS_FWD + ty
-    valid = r < BNH * T
-    rr = r if valid else 0
-    bh = rr // T
-    t = rr - bh * T
-    n = t + 1 if valid else 0
-    m = NEG_INF
-    for t2 in range(lane, n, LANES):
-        x = att[bh, t, t2]
-        buf[ty, t2] = x
-        if x > m:
-            m = x
-    m = warp_max(m, sh, ty)
-    s = F0
-    for t2 in range(lane, n, LANES):
-        e = math.exp(buf[ty, t2] - m)
-        buf[ty, t2] = e
-        s += e
-    s = warp_sum(s, sh, ty)
-    inv = ONE / s
-    for t2 in range(lane, n, LANES):
-        att[bh, t, t2] = buf[ty, t2] * inv
-    end = min(T, (t // Tb + 1) * Tb) if valid else 0
-    for t2 in range(t + 1 + lane, end, LANES):
-        att[bh, t, t2] = F0
-
-
-@cuda.jit(**JIT)
-def k_softmax_backward_shared(datt, att, Tb, scale):
-    # k_softmax_backward with both rows staged in shared memory (T <= TMAX)
-    sh = cuda.shared.array((SM_ROWS_BWD, LANES), float32)
-    abuf = cuda.shared.array((SM_ROWS_BWD, TMAX), float32)
-    dbuf = cuda.shared.array((SM_ROWS_BWD, TMAX), float32)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    BNH, T, _ = datt.shape
-    r = cuda.blockIdx.x * SM_ROWS_BWD + ty
-    valid = r < BNH * T
-    rr = r if valid else 0
-    bh = rr // T
-    t = rr - bh * T
-    n = t + 1 if valid else 0
-    dot = F0
-    for t2 in range(lane, n, LANES):
-        a = att[bh, t, t2]
-        d = datt[bh, t, t2]
-        abuf[ty, t2] = a
-        dbuf[ty, t2] = d
-        dot += a * d
-    dot = warp_sum(dot, sh, ty)
-    for t2 in range(lane, n, LANES):
-        datt[bh, t, t2] = abuf[ty, t2] * (dbuf[ty, t2] - dot) * scale
-    end = min(T, (t // Tb + 1) * Tb) if valid else 0
-    for t2 in range(t + 1 + lane, end, LANES):
-        datt[bh, t, t2] = F0
-
-
-@cuda.jit(**JIT)
 def k_classifier_forward(losses, lse, logits, targets, V):
     # one block per row: online max / sum of exp over the first V columns (one read),
     # logsumexp kept for the backward; a target of -1 gives loss 0
@@ -445,58 +391,6 @@ def k_loss_reduce(stats, losses, targets):
     if tid == 0:
         stats[0] = s
         stats[1] = cnt
-
-
-@cuda.jit(**JIT)
-def k_qkv_bias_permute(qkv, bias, qkvp, T, NH):
-    # qkv[b*T + t] += bias (in place, the CPU's activation), and the heads copied out to
-    # qkvp[which, b*NH + h, t, :] (which: q, k, v) for the strided batched GEMMs.
-    # Grid: (column blocks, T, B): no integer division per element.
-    C3 = qkv.shape[1]
-    C = C3 // 3
-    hs = C // NH
-    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    t = cuda.blockIdx.y
-    b = cuda.blockIdx.z
-    if o < C3:
-        which = o // C
-        rem = o - which * C
-        h = rem // hs
-        d = rem - h * hs
-        i = b * T + t
-        x = qkv[i, o] + bias[o]
-        qkv[i, o] = x
-        qkvp[which, b * NH + h, t, d] = x
-
-
-@cuda.jit(**JIT)
-def k_heads_merge(out, heads, T, NH):
-    # out[b*T + t, which*C + h*hs + d] = heads[which, b*NH + h, t, d]; grid (column blocks, T, B)
-    C = out.shape[1] // heads.shape[0]
-    hs = C // NH
-    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    t = cuda.blockIdx.y
-    b = cuda.blockIdx.z
-    if c < out.shape[1]:
-        w = c // C
-        rem = c - w * C
-        h = rem // hs
-        d = rem - h * hs
-        out[b * T + t, c] = heads[w, b * NH + h, t, d]
-
-
-@cuda.jit(**JIT)
-def k_heads_split(heads, inp, T, NH):
-    # heads[0, b*NH + h, t, d] = inp[b*T + t, h*hs + d]; grid (column blocks, T, B)
-    C = inp.shape[1]
-    hs = C // NH
-    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    t = cuda.blockIdx.y
-    b = cuda.blockIdx.z
-    if c < C:
-        h = c // hs
-        d = c - h * hs
-        heads[0, b * NH + h, t, d] = inp[b * T + t, c]
 
 
 # -----------------------------------------------------------------------------
@@ -798,37 +692,14 @@ def bias_gelu_forward(fch, fch_gelu, bias):
     _launch(k_bias_gelu_forward, _rows_grid(*fch.shape), ELT_THREADS)(fch, fch_gelu, bias)
 
 
-def _heads_grid(ncols, T, B):
-    return ((ncols + ELT_THREADS - 1) // ELT_THREADS, T, B)
-
-
-def qkv_bias_permute(qkv, bias, qkvp, B, T, NH):
-    _launch(k_qkv_bias_permute, _heads_grid(qkv.shape[1], T, B), ELT_THREADS)(qkv, bias, qkvp, T, NH)
-
-
-def heads_merge(out, heads, B, T, NH):
-    _launch(k_heads_merge, _heads_grid(out.shape[1], T, B), ELT_THREADS)(out, heads, T, NH)
-
-
-def heads_split(heads, inp, B, T, NH):
-    _launch(k_heads_split, _heads_grid(inp.shape[1], T, B), ELT_THREADS)(heads, inp, T, NH)
-
-
 def softmax_forward(att3, Tb):
     rows = att3.shape[0] * att3.shape[1]
-    if SOFTMAX_SHARED and att3.shape[1] <= TMAX:
-        _launch(k_softmax_forward_shared, (rows + SM_ROWS_FWD - 1) // SM_ROWS_FWD, (LANES, SM_ROWS_FWD))(att3, Tb)
-    else:
-        _launch(k_softmax_forward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(att3, Tb)
+    _launch(k_softmax_forward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(att3, Tb)
 
 
 def softmax_backward(datt3, att3, Tb, scale):
     rows = att3.shape[0] * att3.shape[1]
-    if SOFTMAX_SHARED and att3.shape[1] <= TMAX:
-        _launch(k_softmax_backward_shared, (rows + SM_ROWS_BWD - 1) // SM_ROWS_BWD, (LANES, SM_ROWS_BWD))(
-            datt3, att3, Tb, np.float32(scale))
-    else:
-        _launch(k_softmax_backward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(datt3, att3, Tb, np.float32(scale))
+    _launch(k_softmax_backward, (rows + ROWS - 1) // ROWS, (LANES, ROWS))(datt3, att3, Tb, np.float32(scale))
 
 
 def classifier_forward(losses, lse, logits, targets, V):
@@ -873,8 +744,12 @@ def encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_
     _launch(k_encoder_backward_wte, max_buckets, threads)(dwte, dout, positions, bucket_token, bucket_start, num_buckets)
 
 
-def global_norm(normbuf, part, grads, grad_clip):
+def global_norm(normbuf, part, grads, grad_clip, dist=None):
+    """normbuf = [norm, clip scale]; with dist, grads is this rank's shard and the
+    partial sums are added over the ranks first (the same fixed-order sum everywhere)."""
     _launch(k_sumsq_partial, part.shape[0], RED_THREADS)(part, grads)
+    if dist is not None:
+        dist.allreduce_sum_device(part)
     _launch(k_norm_finalize, 1, RED_THREADS)(normbuf, part, float(grad_clip))
 
 
@@ -1002,15 +877,6 @@ class Blas:
             self.cublas.sgemm(self.handle, int(tB), int(tA), N, M, K, self.scalar(alpha), B, ldb, A, lda,
                               self.scalar(beta), C, ldc)
 
-    def gemm_strided(self, tA, tB, M, N, K, A, lda, sA, B, ldb, sB, C, ldc, sC, count, alpha=1.0, beta=0.0):
-        """gemm over `count` matrices at element strides sA, sB, sC."""
-        if SIM:
-            for i in range(count):
-                _emu_sgemm(tB, tA, N, M, K, alpha, B + 4 * i * sB, ldb, A + 4 * i * sA, lda, beta, C + 4 * i * sC, ldc)
-        else:
-            self.cublas.sgemmStridedBatched(self.handle, int(tB), int(tA), N, M, K, self.scalar(alpha), B, ldb, sB,
-                                            A, lda, sA, self.scalar(beta), C, ldc, sC, count)
-
     def gemm_batched(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, alpha=1.0, beta=0.0):
         """gemm over pointer arrays (PtrArray), one product per batch entry."""
         count = A.host.size
@@ -1027,7 +893,7 @@ class Blas:
 
 
 class CudaGPT2:
-    """Device buffers (same layouts as cpu.GPT2's), their views, and the step state."""
+    """Device buffers (same layouts as common.GPT2's), their views, and the step state."""
 
 
 def cuda_available():
@@ -1060,13 +926,17 @@ def _per_layer(view, L):
     return [view[l] for l in range(L)]
 
 
-def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers"):
-    """Copy a cpu.GPT2's parameters to the device and allocate, once, everything a
-    training step at batch shape (B, T) needs. m, v start at zero (step 0); use
-    optimizer_state_from_host to resume."""
+def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, shard_optimizer=False):
+    """Copy a common.GPT2's parameters to the device and allocate, once, everything a
+    training step at batch shape (B, T) needs. m, v start at zero (step 0);
+    CUDA.state_from_host resumes. attention_blocks: the number of causal query blocks
+    (default: default_attention_blocks). Data parallel over `shards` ranks: the flat
+    parameter and gradient buffers are padded to a multiple of it (NCCL's reduce-scatter
+    and all-gather take equal shards), and with shard_optimizer (ZeRO-1) m and v hold
+    only this rank's shard."""
     cfg = model.cfg
     if T > cfg.max_seq_len or B <= 0 or T <= 0:
-        raise ValueError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
+        raise common.UserError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
     C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
     if C % NH:
         raise ValueError(f"channels {C} not divisible by heads {NH}")
@@ -1078,25 +948,29 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers
     dm.blas = Blas.get()
     dm.stream = 0 if SIM else cuda.default_stream()
 
-    pshapes = cpu.parameter_shapes(cfg)
+    pshapes = common.parameter_shapes(cfg)
     n = dm.num_parameters
-    dm.params_memory = _alloc(n)
-    dm.params_memory.copy_to_device(model.params_memory)
-    dm.grads_memory, dm.m_memory, dm.v_memory = _alloc(n), _alloc(n), _alloc(n)
-    for buf in (dm.grads_memory, dm.m_memory, dm.v_memory):
+    dm.shard_size = (n + shards - 1) // shards
+    dm.params_padded, dm.grads_padded = _alloc(dm.shard_size * shards), _alloc(dm.shard_size * shards)
+    dm.params_memory, dm.grads_memory = dm.params_padded[:n], dm.grads_padded[:n]
+    moments = dm.shard_size if shard_optimizer else n
+    dm.m_memory, dm.v_memory = _alloc(moments), _alloc(moments)
+    dm.grad_shard = _alloc(dm.shard_size) if shard_optimizer else None
+    for buf in (dm.params_padded, dm.grads_padded, dm.m_memory, dm.v_memory):
         fill(buf, 0.0)
-    dm.params = cpu.slice_views(dm.params_memory, pshapes)
-    dm.grads = cpu.slice_views(dm.grads_memory, pshapes)
+    dm.params_memory.copy_to_device(model.params_memory)
+    dm.params = common.slice_views(dm.params_memory, pshapes)
+    dm.grads = common.slice_views(dm.grads_memory, pshapes)
 
-    ashapes = cpu.activation_shapes(cfg, B, T)
-    dm.acts_memory = _alloc(cpu.buffer_size(ashapes))
+    ashapes = common.activation_shapes(cfg, B, T)
+    dm.acts_memory = _alloc(common.buffer_size(ashapes))
     fill(dm.acts_memory, 0.0)  # att above the computed causal blocks must read as zero
-    dm.acts = cpu.slice_views(dm.acts_memory, ashapes)
+    dm.acts = common.slice_views(dm.acts_memory, ashapes)
     # backward scratch: the CPU's shapes, plus the attention score gradients of one layer
-    dshapes = cpu.activation_grad_shapes(cfg, B, T) + [("datt", (B * NH, T, T))]
-    dm.dacts_memory = _alloc(cpu.buffer_size(dshapes))
+    dshapes = common.activation_grad_shapes(cfg, B, T) + [("datt", (B * NH, T, T))]
+    dm.dacts_memory = _alloc(common.buffer_size(dshapes))
     fill(dm.dacts_memory, 0.0)
-    dm.dacts = cpu.slice_views(dm.dacts_memory, dshapes)
+    dm.dacts = common.slice_views(dm.dacts_memory, dshapes)
     # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
     nchunks = (BT + CS_CHUNK - 1) // CS_CHUNK
     dm.colsum_part = _alloc(2 * nchunks * 4 * C).reshape(2, nchunks, 4 * C)
@@ -1130,16 +1004,18 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers
     dm.has_loss = False        # a forward with targets ran: the loss statistics are valid
     dm.backward_ready = False  # ... and its logits are still there for a backward
 
-    # AdamW weight-decay groups: contiguous ranges of the parameter buffer
+    # AdamW weight-decay groups: contiguous ranges of the parameter buffer (the padding
+    # last, never decayed), as ends relative to the first value this rank updates
     ends, kinds = [], []
-    for name, start, end in cpu.parameter_offsets(cfg):
-        is_matrix = name in cpu.MATRIX_PARAMETERS
+    for name, start, end in common.parameter_offsets(cfg) + [("padding", n, dm.shard_size * shards)]:
+        is_matrix = name in common.MATRIX_PARAMETERS
         if kinds and kinds[-1] == is_matrix:
             ends[-1] = end
         else:
             ends.append(end)
             kinds.append(is_matrix)
-    dm.group_end = cuda.to_device(np.array(ends, dtype=np.int64))
+    dm.update_start = dm.shard_size * rank if shard_optimizer else 0
+    dm.group_end = cuda.to_device(np.array(ends, dtype=np.int64) - dm.update_start)
     dm.group_is_matrix = np.array(kinds, dtype=bool)
     dm.group_decay = cuda.to_device(np.zeros(len(ends), dtype=np.float32))
     dm._decay_key = None
@@ -1151,23 +1027,7 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, attention="pointers
     dm.attn_Tb = Tb
     dm.attn_blocks = [(r0, min(T, r0 + Tb)) for r0 in range(0, T, Tb)]
     dm.attn_scale = 1.0 / math.sqrt(hs)
-    if attention not in ("strided", "pointers"):
-        raise ValueError(f"attention must be 'strided' or 'pointers', not {attention!r}")
-    dm.attention = attention
-    if attention == "strided":
-        # per-layer head-major copies of q, k, v (written with the qkv bias), the head
-        # outputs, and the backward's head-major datty and dq, dk, dv (one layer)
-        ashapes2 = [("qkvp", (L, 3, B * NH, T, hs)), ("yp", (1, B * NH, T, hs)), ("doutp", (1, B * NH, T, hs)),
-                    ("dqkvp", (3, B * NH, T, hs))]
-        dm.heads_memory = _alloc(cpu.buffer_size(ashapes2))
-        fill(dm.heads_memory, 0.0)
-        dm.heads = cpu.slice_views(dm.heads_memory, ashapes2)
-        dm.qkvp = [dm.heads.qkvp[l] for l in range(L)]
-        h = dm.heads
-        dm.haddr = SimpleNamespace(qkvp=[_addr(x) for x in dm.qkvp], yp=_addr(h.yp), doutp=_addr(h.doutp),
-                                   dqkvp=_addr(h.dqkvp), att=[_addr(x) for x in dm.att3], datt=_addr(dm.datt3))
-    else:
-        _build_attention_pointers(dm)
+    _build_attention_pointers(dm)
 
     # addresses of every GEMM operand
     ad = SimpleNamespace()
@@ -1223,79 +1083,9 @@ def _build_attention_pointers(dm):
     dm.ptrs = {k: PtrArray(table[j * n:(j + 1) * n], base + 8 * j * n) for j, k in enumerate(keys)}
 
 
-def _attention_forward(dm, l):
-    """att[l] = causal softmax(q k^T * scale), atty[l] = att @ v, per (b, h). Expects
-    qkv[l] with its bias (strided: and its head-major copy)."""
-    if dm.attention == "strided":
-        return _attention_forward_strided(dm, l)
-    return _attention_forward_pointers(dm, l)
-
-
-def _attention_backward(dm, l):
-    """dqkv (d3C) from datty (dC), through att @ v and the softmax."""
-    if dm.attention == "strided":
-        return _attention_backward_strided(dm, l)
-    return _attention_backward_pointers(dm, l)
-
-
-def _attention_forward_strided(dm, l):
-    cfg, B, T = dm.cfg, dm.B, dm.T
-    NH = cfg.num_heads
-    hs = cfg.channels // NH
-    BNH, TT, Ths = B * NH, T * T, T * hs
-    blas, ha = dm.blas, dm.haddr
-    q = ha.qkvp[l]
-    k = q + 4 * BNH * Ths
-    v = k + 4 * BNH * Ths
-    att = ha.att[l]
-    for r0, r1 in dm.attn_blocks:
-        # att[r0:r1, 0:r1] = scale * q[r0:r1] @ k[0:r1]^T, per (b, h)
-        blas.gemm_strided(False, True, r1 - r0, r1, hs, q + 4 * r0 * hs, hs, Ths, k, hs, Ths,
-                          att + 4 * r0 * T, T, TT, BNH, alpha=dm.attn_scale)
-    softmax_forward(dm.att3[l], dm.attn_Tb)
-    for r0, r1 in dm.attn_blocks:
-        # y[r0:r1] = att[r0:r1, 0:r1] @ v[0:r1]
-        blas.gemm_strided(False, False, r1 - r0, hs, r1, att + 4 * r0 * T, T, TT, v, hs, Ths,
-                          ha.yp + 4 * r0 * hs, hs, Ths, BNH)
-    heads_merge(dm.A.atty[l], dm.heads.yp, B, T, NH)
-
-
-def _attention_backward_strided(dm, l):
-    cfg, B, T = dm.cfg, dm.B, dm.T
-    NH = cfg.num_heads
-    hs = cfg.channels // NH
-    BNH, TT, Ths = B * NH, T * T, T * hs
-    blas, ha = dm.blas, dm.haddr
-    q = ha.qkvp[l]
-    k = q + 4 * BNH * Ths
-    v = k + 4 * BNH * Ths
-    att, datt, dout = ha.att[l], ha.datt, ha.doutp
-    dq = ha.dqkvp
-    dk = dq + 4 * BNH * Ths
-    dv = dk + 4 * BNH * Ths
-    heads_split(dm.heads.doutp, dm.dacts.dC, B, T, NH)
-    for r0, r1 in dm.attn_blocks:
-        R = r1 - r0
-        # dv[r0:r1] = att[r0:T, r0:r1]^T @ dout[r0:T]
-        blas.gemm_strided(True, False, R, hs, T - r0, att + 4 * (r0 * T + r0), T, TT, dout + 4 * r0 * hs, hs, Ths,
-                          dv + 4 * r0 * hs, hs, Ths, BNH)
-        # datt[r0:r1, 0:r1] = dout[r0:r1] @ v[0:r1]^T
-        blas.gemm_strided(False, True, R, r1, hs, dout + 4 * r0 * hs, hs, Ths, v, hs, Ths,
-                          datt + 4 * r0 * T, T, TT, BNH)
-    softmax_backward(dm.datt3, dm.att3[l], dm.attn_Tb, dm.attn_scale)
-    for r0, r1 in dm.attn_blocks:
-        R = r1 - r0
-        # dq[r0:r1] = dpre[r0:r1, 0:r1] @ k[0:r1]
-        blas.gemm_strided(False, False, R, hs, r1, datt + 4 * r0 * T, T, TT, k, hs, Ths,
-                          dq + 4 * r0 * hs, hs, Ths, BNH)
-        # dk[r0:r1] = dpre[r0:T, r0:r1]^T @ q[r0:T]
-        blas.gemm_strided(True, False, R, hs, T - r0, datt + 4 * (r0 * T + r0), T, TT, q + 4 * r0 * hs, hs, Ths,
-                          dk + 4 * r0 * hs, hs, Ths, BNH)
-    heads_merge(dm.dacts.d3C, dm.heads.dqkvp, B, T, NH)
-
-
-def _attention_forward_pointers(dm, l):
-    """att[l] = causal softmax(q k^T * scale), atty[l] = att @ v, per (b, h), in place."""
+def attention_forward(dm, l):
+    """att[l] = causal softmax(q k^T * scale), atty[l] = att @ v, per (b, h), reading
+    q, k, v in place from qkv[l] (with its bias) and writing atty[l] in place."""
     cfg, T = dm.cfg, dm.T
     C = cfg.channels
     hs = C // cfg.num_heads
@@ -1310,7 +1100,8 @@ def _attention_forward_pointers(dm, l):
         blas.gemm_batched(False, False, R, hs, r1, P[("att", l, i)], T, P[("V", l)], 3 * C, P[("atty", l, i)], C)
 
 
-def _attention_backward_pointers(dm, l):
+def attention_backward(dm, l):
+    """dqkv (d3C) from datty (dC) of layer l, through att @ v and the softmax."""
     cfg, T = dm.cfg, dm.T
     C = cfg.channels
     hs = C // cfg.num_heads
@@ -1406,11 +1197,8 @@ def gpt2_forward_cuda(dm, inputs, targets=None):
     residual = a.encoded
     for l in range(L):
         blas.gemm(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C)
-        if dm.attention == "strided":
-            qkv_bias_permute(A.qkv[l], P.qkvb[l], dm.qkvp[l], B, T, cfg.num_heads)
-        else:
-            bias_forward(A.qkv[l], P.qkvb[l])
-        _attention_forward(dm, l)
+        bias_forward(A.qkv[l], P.qkvb[l])
+        attention_forward(dm, l)
         blas.gemm(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C)
         residual_layernorm(A.residual2[l], residual, P.attprojb[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l],
                            P.ln2w[l], P.ln2b[l])
@@ -1479,7 +1267,7 @@ def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
         colsum(part, G.attprojb[l], d.dresidual, accumulate)
         blas.gemm(False, False, BT, C, C, ad.dresidual, C, ad.attprojw[l], C, ad.dC, C)
         blas.gemm(True, False, C, C, BT, ad.dresidual, C, ad.atty[l], C, ad.gattprojw[l], C, beta=beta)
-        _attention_backward(dm, l)
+        attention_backward(dm, l)
         colsum(part, G.qkvb[l], d.d3C, accumulate)
         blas.gemm(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         blas.gemm(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, beta=beta)
@@ -1491,11 +1279,16 @@ def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
 
 
 def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                     weight_decay_mode="matrices", grad_clip=0.0):
+                     weight_decay_mode="matrices", grad_clip=0.0, dist=None):
     """One AdamW step over the whole parameter buffer (cpu.gpt2_update's semantics),
     with the global gradient norm and the clipping computed on the device. Returns the
     norm before clipping as a 1-element float64 device array (overwritten by the next
-    update): read_norm() or .copy_to_host() reads it; nothing here waits for the device."""
+    update; CUDA.update reads it); nothing here waits for the device.
+
+    Data parallel (dist: distributed.NCCLGroup, or the MPIGroup under the simulator):
+    the gradients are summed over the ranks in one call over the flat buffer; under
+    ZeRO-1 (dm.grad_shard) that is a reduce-scatter, this rank updates its shard of the
+    parameters with its shard of m and v, and the ranks all-gather the parameters."""
     if weight_decay_mode not in ("all", "matrices"):
         raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
     dm.step += 1
@@ -1506,49 +1299,23 @@ def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
             decay[~dm.group_is_matrix] = 0.0
         dm.group_decay.copy_to_device(decay)
         dm._decay_key = key
-    global_norm(dm.normbuf, dm.norm_part, dm.grads_memory, grad_clip)
+    sharded = dm.grad_shard is not None
+    if sharded:
+        dist.reduce_scatter_sum_device(dm.grads_padded, dm.grad_shard)
+        params = dm.params_padded[dm.update_start:dm.update_start + dm.shard_size]
+        grads = dm.grad_shard
+    else:
+        if dist is not None:
+            dist.allreduce_sum_device(dm.grads_padded)
+        params, grads = dm.params_memory, dm.grads_memory
+    global_norm(dm.normbuf, dm.norm_part, grads, grad_clip, dist if sharded else None)
     bc1 = 1.0 - beta1 ** dm.step
     bc2 = 1.0 - beta2 ** dm.step
-    adamw(dm.params_memory, dm.grads_memory, dm.m_memory, dm.v_memory, dm.normbuf, lr, beta1, beta2, eps,
-          bc1, bc2, dm.group_end, dm.group_decay)
+    adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, lr, beta1, beta2, eps, bc1, bc2, dm.group_end,
+          dm.group_decay)
+    if sharded:
+        dist.allgather_device(dm.params_padded)
     return dm.normbuf[0:1]
-
-
-def read_norm(norm):
-    """The float value of what gpt2_update_cuda returned (waits for the device)."""
-    return float(norm.copy_to_host()[0])
-
-
-def params_to_host(dm, model):
-    dm.params_memory.copy_to_host(model.params_memory)
-    return model
-
-
-def params_from_host(dm, model):
-    dm.params_memory.copy_to_device(model.params_memory)
-
-
-def grads_to_host(dm):
-    return dm.grads_memory.copy_to_host()
-
-
-def logits_to_host(dm):
-    """(B*T, Vp) logits of the last forward (dlogits once a backward has run)."""
-    return dm.acts.logits.copy_to_host()
-
-
-def losses_to_host(dm):
-    return dm.acts.losses.copy_to_host()
-
-
-def optimizer_state_to_host(dm):
-    return dm.m_memory.copy_to_host(), dm.v_memory.copy_to_host()
-
-
-def optimizer_state_from_host(dm, m, v, step):
-    dm.m_memory.copy_to_device(np.ascontiguousarray(m, dtype=np.float32))
-    dm.v_memory.copy_to_device(np.ascontiguousarray(v, dtype=np.float32))
-    dm.step = int(step)
 
 
 def synchronize():
@@ -1565,9 +1332,111 @@ def device_memory_used():
 
 def datasheet_peak_tflops(tf32):
     """Dense peak of the GPU for MFU: the H100/H200 SXM datasheet's TF32 tensor-core
-    (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs."""
+    (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs and the
+    simulator."""
+    if SIM:
+        return 0.0
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else str(name)
     if "H100" in name or "H200" in name:
         return 494.7 if tf32 else 66.9
     return 0.0
+
+
+def _free(dm):
+    """Drop the device buffers of dm (the memory goes back when nothing else holds them)."""
+    if SIM:
+        mine = {_addr(x) for x in (dm.params_padded, dm.grads_padded, dm.m_memory, dm.v_memory, dm.acts_memory,
+                                   dm.dacts_memory, dm.colsum_part)}
+        _emu_buffers[:] = [(a, buf) for a, buf in _emu_buffers if a not in mine]
+    dm.__dict__.clear()
+
+
+# -----------------------------------------------------------------------------
+# The training target (gpt2_common.Device): train_gpt2.py's main() and test_gpt2.py talk
+# to the GPU only through it
+
+
+class CUDA(common.Device):
+    """The host model's training on the GPU: a thin wrapper over the functions above.
+    The device holds the parameters, gradients, AdamW state and step count; the host
+    model is read at construction and by state_from_host, and written only when asked
+    (params_to_host, state_to_host)."""
+
+    name = "cuda"
+
+    def __init__(self, model, B, T, tf32=True, attention_blocks=None, dist=None, zero_stage=0):
+        """dist: one rank of a data-parallel run (distributed.setup), which has already
+        made this rank's GPU (LOCAL_RANK) the current one; zero_stage 1 shards m and v."""
+        self.model = model
+        self.tf32 = bool(tf32)
+        self.dist = dist if dist is not None and dist.world > 1 else None
+        world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
+        self.dm = to_device(model, B, T, tf32=tf32, attention_blocks=attention_blocks, shards=world, rank=rank,
+                            shard_optimizer=bool(self.dist) and zero_stage == 1)
+
+    def forward(self, inputs, targets=None):
+        dm = self.dm
+        gpt2_forward_cuda(dm, inputs, targets)
+        if targets is not None:
+            _stage_buckets(dm)  # built on the host while the device runs the forward
+        return mean_loss_cuda(dm)  # waits for the forward
+
+    def backward(self, accumulate=False, loss_scale=1.0):
+        gpt2_backward_cuda(self.dm, accumulate, loss_scale)
+
+    def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
+        norm = gpt2_update_cuda(self.dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip, self.dist)
+        return float(norm.copy_to_host()[0])  # waits for the update
+
+    def params_to_host(self):
+        self.dm.params_memory.copy_to_host(self.model.params_memory)
+
+    def state_to_host(self):
+        """Under ZeRO-1 every rank takes part: the m and v shards are all-gathered
+        through the gradient buffer (free between an update and the next backward)."""
+        dm, model = self.dm, self.model
+        common.ensure_optimizer_buffers(model)
+        dm.params_memory.copy_to_host(model.params_memory)
+        for moments, host in ((dm.m_memory, model.m_memory), (dm.v_memory, model.v_memory)):
+            if dm.grad_shard is None:
+                moments.copy_to_host(host)
+            else:
+                dm.grads_padded[dm.update_start:dm.update_start + dm.shard_size].copy_to_device(moments)
+                self.dist.allgather_device(dm.grads_padded)
+                dm.grads_memory.copy_to_host(host)
+        model.step = dm.step
+
+    def state_from_host(self):
+        """ZeRO-1: this rank takes its shard of the host model's m and v."""
+        dm, model = self.dm, self.model
+        dm.params_memory.copy_to_device(model.params_memory)
+        if model.m_memory is None:  # no optimizer state on the host: a fresh one
+            fill(dm.m_memory, 0.0)
+            fill(dm.v_memory, 0.0)
+        else:
+            lo = dm.update_start
+            for moments, host in ((dm.m_memory, model.m_memory), (dm.v_memory, model.v_memory)):
+                part = np.zeros(moments.size, dtype=np.float32)  # the padding past the end stays zero
+                part[:max(0, min(moments.size, host.size - lo))] = host[lo:lo + moments.size]
+                moments.copy_to_device(part)
+        dm.step = int(model.step)
+
+    def logits_to_host(self):
+        return self.dm.acts.logits.copy_to_host()
+
+    def grads_to_host(self):
+        return self.dm.grads_memory.copy_to_host()
+
+    def optimizer_bytes(self):
+        """AdamW state held on this GPU (m and v, or their shards)."""
+        return 2 * 4 * self.dm.m_memory.size
+
+    def peak_flops(self):
+        return datasheet_peak_tflops(self.tf32) * 1e12
+
+    def free(self):
+        if self.dm is not None:
+            synchronize()
+            _free(self.dm)
+            self.dm = None

@@ -3,13 +3,17 @@
 
 Subcommands:
   kernels      every CUDA kernel (and the cuBLAS plumbing) against its CPU twin on tiny
-               shapes, then full forward/backward/update steps of both paths. Runs in
-               numba's simulator too (NUMBA_ENABLE_CUDASIM=1): tests/test_cuda_sim.py.
-  parity       CUDA step vs CPU step on a real-size model (default GPT-2 124M, B=4,
+               shapes, then full training steps through the two targets
+               (train_gpt2_cuda.CUDA vs train_gpt2.CPU: per step, and main()'s loop with
+               gradient accumulation), the state_to_host / state_from_host round trip and
+               resume, and the API's errors. Runs in numba's simulator too
+               (NUMBA_ENABLE_CUDASIM=1): tests/test_cuda_sim.py.
+  parity       CUDA target vs CPU target on a real-size model (default GPT-2 124M, B=4,
                T=64, random init): max abs error of logits, loss, all 16 gradients and
                the 10 step losses of llm.c's test recipe; --tf32 0/1.
-  bench        train at B=16, T=1024 on tinyshakespeare (or random tokens): loss per
-               step, median tokens/s, peak device memory; JSON to --json.
+  bench        train at B=16, T=1024 on tinyshakespeare (or random tokens) through the
+               CUDA target, as train_gpt2.py does: loss per step, median tokens/s, peak
+               device memory; --variants: other causal query-block counts; JSON to --json.
   bench-torch  the same step in PyTorch eager (dev/torch_reference.py's model, fused
                AdamW), manual attention and SDPA; JSON to --json.
   table        the summary table of the JSON files in a folder.
@@ -28,6 +32,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import gpt2_common as common  # noqa: E402  (numpy only: no numba, no GPU)
 
 FAILS = []
 
@@ -234,209 +240,308 @@ def cmd_kernels(args):
 
     # attention forward and backward, through a tiny model's buffers, for several
     # numbers of query blocks (ragged ones included)
-    cfg = cpu.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
-    model = cpu.gpt2_init_random(cfg, 7)
+    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2,
+                            channels=32)
+    model = common.gpt2_init_random(cfg, 7)
     Bq, Tq = 2, 8
     NH, Cq = cfg.num_heads, cfg.channels
-    variants = [(nb, False, "pointers") for nb in args.attention_blocks]
-    variants += [(args.attention_blocks[-1], True, "pointers"), (args.attention_blocks[-1], False, "strided")]
-    for nb, shared, impl in variants:
-        tc.SOFTMAX_SHARED = shared
-        dm = tc.to_device(model, Bq, Tq, tf32=False, attention_blocks=nb, attention=impl)
+    for nb in args.attention_blocks:
+        dm = tc.to_device(model, Bq, Tq, tf32=False, attention_blocks=nb)
         qkv = rand(Bq * Tq, 3 * Cq)
         att = np.zeros((Bq, NH, Tq, Tq), f32)
         atty = np.zeros((Bq * Tq, Cq), f32)
         cpu.attention_forward(atty, att, qkv, Bq, Tq, NH)
         dm.A.qkv[0].copy_to_device(qkv)
-        if impl == "strided":
-            zero = put(np.zeros(3 * Cq, f32))
-            tc.qkv_bias_permute(dm.A.qkv[0], zero, dm.qkvp[0], Bq, Tq, NH)
-        tc._attention_forward(dm, 0)
-        nb = f"{nb}{' shared' if shared else ''}{' strided' if impl == 'strided' else ''}"
+        tc.attention_forward(dm, 0)
         report(f"attention_forward att nb={nb}", dm.att3[0].copy_to_host().reshape(att.shape), att, tol)
         report(f"attention_forward out nb={nb}", dm.A.atty[0].copy_to_host(), atty, tol)
         datty = rand(Bq * Tq, Cq)
         dqkv = np.zeros_like(qkv)
         cpu.attention_backward(dqkv, datty, qkv, att, Bq, Tq, NH)
         dm.dacts.dC.copy_to_device(datty)
-        tc._attention_backward(dm, 0)
+        tc.attention_backward(dm, 0)
         got = dm.dacts.d3C.copy_to_host()
         report(f"attention_backward dq nb={nb}", got[:, :Cq], dqkv[:, :Cq], tol)
         report(f"attention_backward dk nb={nb}", got[:, Cq:2 * Cq], dqkv[:, Cq:2 * Cq], tol)
         report(f"attention_backward dv nb={nb}", got[:, 2 * Cq:], dqkv[:, 2 * Cq:], tol)
-        del dm
-    tc.SOFTMAX_SHARED = False
+        tc._free(dm)
 
-    # global norm + AdamW (through gpt2_update_cuda) vs cpu.gpt2_update
+    # global norm + AdamW (CUDA.update) vs cpu.gpt2_update, on the same random gradients
     for mode, wd, clip in (("matrices", 0.1, 0.0), ("all", 0.01, 1e-3), ("matrices", 0.0, 1e9)):
-        m_cpu = cpu.gpt2_init_random(cfg, 3)
+        m_cpu = common.gpt2_init_random(cfg, 3)
         cpu.ensure_activations(m_cpu, Bq, Tq)
         cpu.ensure_training_buffers(m_cpu)
-        dm = tc.to_device(m_cpu, Bq, Tq, tf32=False)
+        m_gpu = clone_host(m_cpu)
+        dev = tc.CUDA(m_gpu, Bq, Tq, tf32=False)
         for step in range(2):
             m_cpu.grads_memory[:] = rand(m_cpu.num_parameters, scale=0.01)
-            dm.grads_memory.copy_to_device(m_cpu.grads_memory)
+            dev.dm.grads_memory.copy_to_device(m_cpu.grads_memory)  # no interface sets gradients
             norm_ref = cpu.gpt2_update(m_cpu, 1e-3, 0.9, 0.95, 1e-8, wd, mode, clip)
-            norm = tc.read_norm(tc.gpt2_update_cuda(dm, 1e-3, 0.9, 0.95, 1e-8, wd, mode, clip))
+            norm = dev.update(1e-3, 0.9, 0.95, 1e-8, wd, mode, clip)
+            dev.state_to_host()
             report(f"grad norm {mode} clip={clip:g} s{step}", norm, norm_ref, 1e-6)
-            report(f"adamw params {mode} clip={clip:g} s{step}", dm.params_memory.copy_to_host(), m_cpu.params_memory, tol)
-            mm_, vv_ = tc.optimizer_state_to_host(dm)
-            report(f"adamw m {mode} clip={clip:g} s{step}", mm_, m_cpu.m_memory, tol)
-            report(f"adamw v {mode} clip={clip:g} s{step}", vv_, m_cpu.v_memory, tol)
-        del dm
+            report(f"adamw params {mode} clip={clip:g} s{step}", m_gpu.params_memory, m_cpu.params_memory, tol)
+            report(f"adamw m {mode} clip={clip:g} s{step}", m_gpu.m_memory, m_cpu.m_memory, tol)
+            report(f"adamw v {mode} clip={clip:g} s{step}", m_gpu.v_memory, m_cpu.v_memory, tol)
+        dev.free()
 
-    # full steps: CUDA path vs CPU path
-    full_step_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tf32=False, seed=11, tol_logits=tol, tol_grads=args.grad_tol,
-                     verbose=True)
+    # full steps, through the two targets (train_gpt2.CPU, train_gpt2_cuda.CUDA)
+    full_step_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tf32=False, seed=11, tol_logits=tol,
+                     tol_grads=args.grad_tol)
+    train_loop_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tol=args.grad_tol)
+    state_round_trip(tc, cfg, Bq, Tq)
 
-    # API semantics
-    dm = tc.to_device(cpu.gpt2_init_random(cfg, 5), Bq, Tq, tf32=False)
+    # API semantics (the target built as train_gpt2.py's main() builds it)
+    dev = cpu.build_device("cuda", common.gpt2_init_random(cfg, 5), Bq, Tq, tf32=False)
     xx = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
     api = []
+    if not isinstance(dev, tc.CUDA) or not isinstance(dev, common.Device):
+        api.append(f"build_device('cuda') gave a {type(dev).__name__}")
     try:
-        tc.gpt2_backward_cuda(dm)
+        dev.backward()
         api.append("backward before forward did not raise")
     except RuntimeError:
         pass
-    tc.gpt2_forward_cuda(dm, xx)
-    if tc.mean_loss_cuda(dm) is not None:
-        api.append("mean_loss after a forward without targets is not None")
+    if dev.forward(xx) is not None:
+        api.append("the loss of a forward without targets is not None")
+    try:
+        dev.backward()
+        api.append("backward after a forward without targets did not raise")
+    except RuntimeError:
+        pass
     for bad in (xx[:, :4], np.full((Bq, Tq), cfg.vocab_size, np.int32)):
         try:
-            tc.gpt2_forward_cuda(dm, bad)
+            dev.forward(bad)
             api.append(f"bad inputs {bad.shape} accepted")
         except ValueError:
             pass
-    tc.gpt2_forward_cuda(dm, xx, np.full((Bq, Tq), -1, np.int32))
-    if tc.mean_loss_cuda(dm) != 0.0:
+    if dev.forward(xx, np.full((Bq, Tq), -1, np.int32)) != 0.0:
         api.append("all-masked loss is not 0")
-    tc.gpt2_backward_cuda(dm)
-    if np.any(tc.grads_to_host(dm)[:cfg.padded_vocab_size * cfg.channels] != 0):
+    dev.backward()
+    if np.any(dev.grads_to_host()[:cfg.padded_vocab_size * cfg.channels] != 0):
         api.append("all-masked targets give a nonzero wte gradient")
-    m0, v0 = rand(dm.num_parameters), rand(dm.num_parameters)
-    tc.optimizer_state_from_host(dm, m0, v0, 7)
-    m1, v1 = tc.optimizer_state_to_host(dm)
-    if dm.step != 7 or not (np.array_equal(m0, m1) and np.array_equal(v0, v1)):
-        api.append("optimizer state round trip")
+    if dev.logits_to_host().shape != (Bq * Tq, cfg.padded_vocab_size):
+        api.append("logits_to_host shape")
+    peak = dev.peak_flops()
+    if not (isinstance(peak, float) and peak >= 0.0):
+        api.append(f"peak_flops {peak!r}")
+    dev.free()
+    dev.free()  # twice is harmless
+    if dev.dm is not None:
+        api.append("free kept the device buffers")
     print(f"CHECK {'API semantics':28s} {'; '.join(api) or ''} {'FAIL' if api else 'OK'}", flush=True)
     if api:
         FAILS.append("API")
     finish()
 
 
-def full_step_parity(cpu, tc, cfg, B, T, steps, tf32, seed, tol_logits, tol_grads, verbose, recipe=None, data=None):
-    """forward, backward (plus an accumulating micro-step), update: CPU vs CUDA."""
+def clone_host(model):
+    """A second host model with the same parameters (a target writes into its own)."""
+    twin = common.GPT2(model.cfg)
+    twin.params_memory[:] = model.params_memory
+    return twin
+
+
+def full_step_parity(cpu, tc, cfg, B, T, steps, tf32, seed, tol_logits, tol_grads):
+    """forward, backward (plus an accumulating micro-step with a loss scale at step 1),
+    update: train_gpt2.CPU vs train_gpt2_cuda.CUDA from the same initial parameters;
+    logits, loss, every gradient, norm and parameters at every step."""
     rng = np.random.default_rng(seed)
     V = cfg.vocab_size
-    m_cpu = cpu.gpt2_init_random(cfg, seed)
-    dm = tc.to_device(m_cpu, B, T, tf32=tf32)
-    if data is None:
-        x = rng.integers(0, V, size=(B, T)).astype(np.int32)
-        y = rng.integers(0, V, size=(B, T)).astype(np.int32)
-        y[0, :2] = -1
-        y2 = rng.integers(0, V, size=(B, T)).astype(np.int32)
-    else:
-        x, y = data
-        y2 = None
-    recipe = recipe or dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
-                            grad_clip=1.0)
-    offsets = cpu.parameter_offsets(cfg)
-    losses = []
+    host = common.gpt2_init_random(cfg, seed)
+    gpu = tc.CUDA(clone_host(host), B, T, tf32=tf32)
+    ref = cpu.CPU(host, B, T)
+    x = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    y = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    y[0, :2] = -1
+    y2 = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    recipe = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
+                  grad_clip=1.0)
+    offsets = common.parameter_offsets(cfg)
     for step in range(steps):
-        loss_ref = cpu.gpt2_forward(m_cpu, x, y)
-        tc.gpt2_forward_cuda(dm, x, y)
-        loss = tc.mean_loss_cuda(dm)
-        losses.append((loss, loss_ref))
-        if step == 0 or verbose:
-            report(f"s{step} logits", tc.logits_to_host(dm), m_cpu.acts.logits, tol_logits)
+        loss_ref = ref.forward(x, y)
+        loss = gpu.forward(x, y)
+        report(f"s{step} logits", gpu.logits_to_host(), ref.logits_to_host(), tol_logits)
         report(f"s{step} loss", loss, loss_ref, tol_logits)
-        cpu.gpt2_backward(m_cpu)
-        tc.gpt2_backward_cuda(dm)
-        if y2 is not None and step == 1:
-            # a second, accumulating micro-step with a loss scale
-            cpu.gpt2_forward(m_cpu, x, y2)
-            tc.gpt2_forward_cuda(dm, x, y2)
-            cpu.gpt2_backward(m_cpu, accumulate=True, loss_scale=0.5)
-            tc.gpt2_backward_cuda(dm, accumulate=True, loss_scale=0.5)
-        if step == 0 or verbose:
-            g = tc.grads_to_host(dm)
-            for name, s0, s1 in offsets:
-                report(f"s{step} grad {name}{' (acc)' if step == 1 and y2 is not None else ''}", g[s0:s1],
-                       m_cpu.grads_memory[s0:s1], tol_grads)
-        norm_ref = cpu.gpt2_update(m_cpu, **recipe)
-        norm = tc.read_norm(tc.gpt2_update_cuda(dm, **recipe))
+        ref.backward()
+        gpu.backward()
+        acc = step == 1
+        if acc:  # a second, accumulating micro-step with a loss scale
+            ref.forward(x, y2)
+            gpu.forward(x, y2)
+            ref.backward(accumulate=True, loss_scale=0.5)
+            gpu.backward(accumulate=True, loss_scale=0.5)
+        g, g_ref = gpu.grads_to_host(), ref.grads_to_host()
+        for name, s0, s1 in offsets:
+            report(f"s{step} grad {name}{' (acc)' if acc else ''}", g[s0:s1], g_ref[s0:s1], tol_grads)
+        norm_ref = ref.update(**recipe)
+        norm = gpu.update(**recipe)
         report(f"s{step} grad norm", norm, norm_ref, tol_grads)
-        if verbose:
-            report(f"s{step} params", dm.params_memory.copy_to_host(), m_cpu.params_memory, tol_grads)
-    # final losses after the last update
-    loss_ref = cpu.gpt2_forward(m_cpu, x, y)
-    tc.gpt2_forward_cuda(dm, x, y)
-    losses.append((tc.mean_loss_cuda(dm), loss_ref))
-    return losses
+        gpu.params_to_host()
+        report(f"s{step} params", gpu.model.params_memory, host.params_memory, tol_grads)
+    gpu.free()
+
+
+def train_loop(device, batches, accum_steps, recipe):
+    """train_gpt2.main()'s step: accum_steps micro-steps (loss scale 1/accum_steps), then
+    the update. Returns the step losses and the gradient norms."""
+    losses, norms = [], []
+    it = iter(batches)
+    for _ in range(len(batches) // accum_steps):
+        loss = 0.0
+        for micro in range(accum_steps):
+            x, y = next(it)
+            loss += device.forward(x, y) / accum_steps
+            device.backward(micro > 0, 1.0 / accum_steps)
+        losses.append(loss)
+        norms.append(device.update(**recipe))
+    return losses, norms
+
+
+def train_loop_parity(cpu, tc, cfg, B, T, steps, tol):
+    """A few training steps as main() runs them (2 micro-steps each, a new batch each,
+    gradient clipping), through CUDA and through train_gpt2.CPU from the same host
+    parameters: losses, norms, and the final parameters, AdamW state and step count
+    (CUDA's through state_to_host)."""
+    rng = np.random.default_rng(21)
+    accum = 2
+    batches = []
+    for _ in range(steps * accum):
+        toks = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int32)
+        batches.append((toks[:, :-1].copy(), toks[:, 1:].copy()))
+    recipe = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
+                  grad_clip=0.5)
+    host = common.gpt2_init_random(cfg, 17)
+    gpu = tc.CUDA(clone_host(host), B, T, tf32=False)
+    losses, norms = train_loop(gpu, batches, accum, recipe)
+    gpu.state_to_host()
+    ref = cpu.CPU(host, B, T)
+    losses_ref, norms_ref = train_loop(ref, batches, accum, recipe)
+    ref.state_to_host()
+    got = gpu.model
+    report(f"train loop {steps} step losses", losses, losses_ref, tol)
+    report(f"train loop {steps} norms", norms, norms_ref, tol)
+    report("train loop final params", got.params_memory, host.params_memory, tol)
+    report("train loop final m", got.m_memory, host.m_memory, tol)
+    report("train loop final v", got.v_memory, host.v_memory, tol)
+    report("train loop step count", got.step, host.step, 0.0, absolute=True)
+    gpu.free()
+
+
+def state_round_trip(tc, cfg, B, T):
+    """state_from_host then state_to_host gives back the same bits (params, m, v, step);
+    without host optimizer buffers, state_from_host starts a fresh AdamW state; and a
+    target resumed from a saved state (main()'s --resume: build, then state_from_host)
+    continues exactly like the one that kept going."""
+    rng = np.random.default_rng(5)
+    host = common.gpt2_init_random(cfg, 9)
+    dev = tc.CUDA(host, B, T, tf32=False)
+    n = host.num_parameters
+    common.ensure_optimizer_buffers(host)  # a host state unlike the one the device was built from
+    host.params_memory[:] = rng.standard_normal(n).astype(np.float32)
+    host.m_memory[:] = rng.standard_normal(n).astype(np.float32)
+    host.v_memory[:] = rng.random(n).astype(np.float32)
+    host.step = 7
+    saved = [host.params_memory.copy(), host.m_memory.copy(), host.v_memory.copy()]
+    dev.state_from_host()
+    for a in (host.params_memory, host.m_memory, host.v_memory):
+        a[:] = np.nan
+    host.step = 0
+    dev.state_to_host()
+    same = all(np.array_equal(a, b) for a, b in zip((host.params_memory, host.m_memory, host.v_memory), saved))
+    report("state round trip params,m,v", float(not same), 0.0, 0.0, absolute=True)
+    report("state round trip step", host.step, 7, 0.0, absolute=True)
+    # a host model without optimizer buffers (a plain checkpoint): a fresh AdamW state
+    host.grads_memory = host.m_memory = host.v_memory = host.grads = None
+    host.step = 0
+    dev.state_from_host()
+    dev.state_to_host()
+    report("state from a fresh host m,v", np.abs(host.m_memory).max() + np.abs(host.v_memory).max(), 0.0, 0.0,
+           absolute=True)
+    report("state from a fresh host step", host.step, 0, 0.0, absolute=True)
+    dev.free()
+
+    # resume: A trains a step, saves; B is built from the saved state; both take step 2
+    recipe = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
+                  grad_clip=1.0)
+    batches = [tuple(rng.integers(0, cfg.vocab_size, size=(2, B, T)).astype(np.int32)) for _ in range(2)]
+    a = tc.CUDA(common.gpt2_init_random(cfg, 12), B, T, tf32=False)
+    train_loop(a, batches[:1], 1, recipe)
+    a.state_to_host()
+    saved = clone_host(a.model)  # what a checkpoint keeps: params, m, v, step
+    common.ensure_optimizer_buffers(saved)
+    saved.m_memory[:], saved.v_memory[:], saved.step = a.model.m_memory, a.model.v_memory, a.model.step
+    b = tc.CUDA(saved, B, T, tf32=False)
+    b.state_from_host()
+    la, na = train_loop(a, batches[1:], 1, recipe)
+    lb, nb = train_loop(b, batches[1:], 1, recipe)
+    a.state_to_host()
+    b.state_to_host()
+    report("resumed step loss", lb, la, 0.0, absolute=True)
+    report("resumed step norm", nb, na, 0.0, absolute=True)
+    report("resumed params", b.model.params_memory, a.model.params_memory, 0.0, absolute=True)
+    report("resumed m, v", np.concatenate([b.model.m_memory, b.model.v_memory]),
+           np.concatenate([a.model.m_memory, a.model.v_memory]), 0.0, absolute=True)
+    report("resumed step count", b.model.step, 2, 0.0, absolute=True)
+    a.free()
+    b.free()
 
 
 # -----------------------------------------------------------------------------
 # parity on a real-size model
 
 
+def run_recipe(device, x, y, steps, recipe, V):
+    """test_gpt2's check through a target: step 0's logits, loss and gradients, then
+    the losses of `steps` steps (an update before each after the first)."""
+    loss = device.forward(x, y)
+    logits = device.logits_to_host()[:, :V].copy()
+    device.backward()
+    grads = device.grads_to_host().copy()
+    losses = [loss]
+    for _ in range(1, steps):
+        device.update(**recipe)
+        losses.append(device.forward(x, y))
+        device.backward()
+    return logits, loss, grads, losses
+
+
 def cmd_parity(args):
     import train_gpt2 as cpu
     import train_gpt2_cuda as tc
 
-    cfg = cpu.config_from_depth(f"d{args.depth}") if args.depth else \
-        cpu.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+    cfg = common.config_from_depth(f"d{args.depth}") if args.depth else \
+        common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
     B, T = args.B, args.T
     name = f"d{args.depth}" if args.depth else "tiny"
     rng = np.random.default_rng(args.seed)
     if args.tokens and os.path.exists(args.tokens) and args.depth:
-        toks = cpu.read_token_file(args.tokens)[:B * T + 1].astype(np.int32)
+        toks = common.read_token_file(args.tokens)[:B * T + 1].astype(np.int32)
         x, y = toks[:-1].reshape(B, T), toks[1:].reshape(B, T)
     else:
         x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
         y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
     V = cfg.vocab_size
     recipe = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, weight_decay_mode="all", grad_clip=0.0)
-    # CPU reference: logits, loss, gradients of one pass; losses of llm.c's 10-step test recipe
+    # CPU reference (train_gpt2.CPU): logits, loss, gradients of one pass; losses of llm.c's 10-step test recipe
     t0 = time.time()
-    model = cpu.gpt2_init_random(cfg, args.seed)
-    ref_loss = cpu.gpt2_forward(model, x, y)
-    ref_logits = model.acts.logits[:, :V].copy()
-    cpu.gpt2_backward(model)
-    ref_grads = model.grads_memory.copy()
-    model = cpu.gpt2_init_random(cfg, args.seed)
-    ref_steps = []
-    for step in range(args.steps):
-        ref_steps.append(cpu.gpt2_forward(model, x, y))
-        cpu.gpt2_backward(model)
-        cpu.gpt2_update(model, **recipe)
+    ref_logits, ref_loss, ref_grads, ref_steps = run_recipe(cpu.CPU(common.gpt2_init_random(cfg, args.seed), B, T),
+                                                            x, y, args.steps, recipe, V)
     print(f"CPU reference {name} B={B} T={T}: {time.time() - t0:.1f} s; losses {' '.join(f'{v:.6f}' for v in ref_steps)}",
           flush=True)
     out = []
     for tf32 in [int(v) for v in str(args.tf32).split(",")]:
         tag = f"{name} B={B} T={T} {'tf32' if tf32 else 'fp32'}"
         lt, gt = (args.logit_tol_tf32, args.grad_tol_tf32) if tf32 else (args.logit_tol, args.grad_tol)
-        model = cpu.gpt2_init_random(cfg, args.seed)
-        dm = tc.to_device(model, B, T, tf32=bool(tf32))
-        tc.gpt2_forward_cuda(dm, x, y)
-        logits = tc.logits_to_host(dm)[:, :V]
-        loss = tc.mean_loss_cuda(dm)
-        tc.gpt2_backward_cuda(dm)
-        g = tc.grads_to_host(dm)
+        dev = tc.CUDA(common.gpt2_init_random(cfg, args.seed), B, T, tf32=bool(tf32))
+        logits, loss, g, losses = run_recipe(dev, x, y, args.steps, recipe, V)
+        dev.free()
         errs = {"logits": float(np.max(np.abs(logits - ref_logits))), "loss": abs(loss - ref_loss)}
         report(f"{tag} logits", logits, ref_logits, lt, absolute=True)
         report(f"{tag} loss", loss, ref_loss, lt, absolute=True)
-        for pname, s0, s1 in cpu.parameter_offsets(cfg):
+        for pname, s0, s1 in common.parameter_offsets(cfg):
             report(f"{tag} grad {pname}", g[s0:s1], ref_grads[s0:s1], gt, absolute=True)
             errs["grad " + pname] = float(np.max(np.abs(g[s0:s1] - ref_grads[s0:s1])))
-        del dm
-        dm = tc.to_device(model, B, T, tf32=bool(tf32))
-        losses = []
-        for step in range(args.steps):
-            tc.gpt2_forward_cuda(dm, x, y)
-            losses.append(tc.mean_loss_cuda(dm))
-            tc.gpt2_backward_cuda(dm)
-            tc.gpt2_update_cuda(dm, **recipe)
-        del dm
         diffs = [abs(a - b) for a, b in zip(losses, ref_steps)]
         print(f"  {tag} step losses {' '.join(f'{v:.6f}' for v in losses)}", flush=True)
         report(f"{tag} {args.steps} step losses", np.array(losses), np.array(ref_steps), lt, absolute=True)
@@ -452,9 +557,9 @@ def cmd_parity(args):
 # benchmarks
 
 
-def load_batches(cpu, path, B, T, V, seed=0):
+def load_batches(path, B, T, V, seed=0):
     if path and os.path.exists(path):
-        loader = cpu.DataLoader(path, B, T, V)
+        loader = common.DataLoader(path, B, T, V)
         return lambda: tuple(a.copy() for a in loader.next_batch()), os.path.basename(path)
     rng = np.random.default_rng(seed)
 
@@ -465,42 +570,43 @@ def load_batches(cpu, path, B, T, V, seed=0):
 
 
 def cmd_bench(args):
-    import train_gpt2 as cpu
+    """Training steps as train_gpt2.py's main() runs them: through the CUDA target,
+    forward (loss read back), backward, update (norm read back)."""
     import train_gpt2_cuda as tc
     from numba import cuda
 
-    cfg = cpu.config_from_depth(f"d{args.depth}")
+    cfg = common.config_from_depth(f"d{args.depth}")
     B, T = args.B, args.T
     tf32 = bool(args.tf32)
     prec = "tf32" if tf32 else "fp32"
-    model = cpu.gpt2_init_random(cfg, 0)
-    nxt, data_name = load_batches(cpu, args.tokens, B, T, cfg.vocab_size)
+    model = common.gpt2_init_random(cfg, 0)
+    nxt, data_name = load_batches(args.tokens, B, T, cfg.vocab_size)
     result = {"system": "ours (numba.cuda + cuBLAS)", "precision": prec, "B": B, "T": T, "data": data_name}
+    opt = (args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
 
-    def run(dm, steps, label, log=True):
+    def run(device, steps, label, log=True):
         times, losses = [], []
         tc.synchronize()
         for step in range(steps):
             x, y = nxt()
             t0 = time.perf_counter()
-            tc.gpt2_forward_cuda(dm, x, y)
-            tc.gpt2_backward_cuda(dm)
-            norm = tc.gpt2_update_cuda(dm, args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
-            loss = tc.mean_loss_cuda(dm)  # waits for the step
+            loss = device.forward(x, y)
+            device.backward()
+            norm = device.update(*opt)  # waits for the step
             dt = time.perf_counter() - t0
             times.append(dt)
             losses.append(loss)
             if log:
-                print(f"  [{label}] step {step:2d} loss {loss:.4f} norm {tc.read_norm(norm):.3f} {dt * 1e3:8.1f} ms "
+                print(f"  [{label}] step {step:2d} loss {loss:.4f} norm {norm:.3f} {dt * 1e3:8.1f} ms "
                       f"{B * T / dt / 1e3:7.1f}k tok/s", flush=True)
         return times, losses
 
     t0 = time.time()
-    dm = tc.to_device(model, B, T, tf32=tf32, attention_blocks=args.attention_blocks or None)
-    print(f"== ours {prec} B={B} T={T}: to_device {time.time() - t0:.1f} s, attention blocks {len(dm.attn_blocks)}",
-          flush=True)
+    device = tc.CUDA(model, B, T, tf32=tf32, attention_blocks=args.attention_blocks or None)
+    print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, attention blocks "
+          f"{len(device.dm.attn_blocks)}", flush=True)
     t0 = time.time()
-    times, losses = run(dm, args.steps, prec)
+    times, losses = run(device, args.steps, prec)
     warm = args.warmup
     med = float(np.median(times[warm:]))
     result.update(steps=args.steps, losses=losses, step_ms=[t * 1e3 for t in times], median_ms=med * 1e3,
@@ -517,11 +623,11 @@ def cmd_bench(args):
         x, y = nxt()
         tc.synchronize()
         ev[0].record()
-        tc.gpt2_forward_cuda(dm, x, y)
+        device.forward(x, y)
         ev[1].record()
-        tc.gpt2_backward_cuda(dm)
+        device.backward()
         ev[2].record()
-        tc.gpt2_update_cuda(dm, args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+        device.update(*opt)
         ev[3].record()
         ev[3].synchronize()
         phase.append([cuda.event_elapsed_time(ev[i], ev[i + 1]) for i in range(3)])
@@ -530,35 +636,31 @@ def cmd_bench(args):
     print(f"  phases (ms): forward {ph[0]:.1f} backward {ph[1]:.1f} update {ph[2]:.1f}", flush=True)
 
     if args.profile:
-        profile_step(tc, dm, nxt, args, prec)
+        profile_step(tc, device, nxt, opt, args, prec)
 
-    # variants: "NB[:shared][:strided]": number of causal query blocks; the softmax kernels
-    # staging rows in shared memory; head-major copies and strided batched GEMMs instead of
-    # pointer arrays
+    # variants: other numbers of causal query blocks
     variants = {}
     for spec in [v for v in args.variants.split(",") if v]:
-        nb = int(spec.split(":")[0])
-        del dm
+        nb = int(spec)
+        device.free()
         gc.collect()
         try:
             cuda.current_context().deallocations.clear()
         except Exception as e:  # pragma: no cover
             print("  (deallocations.clear failed:", e, ")")
-        tc.SOFTMAX_SHARED = ":shared" in spec
-        dm = tc.to_device(model, B, T, tf32=tf32, attention_blocks=nb,
-                          attention="strided" if ":strided" in spec else "pointers")
-        tv, _ = run(dm, args.variant_steps, f"{prec} {spec}", log=False)
+        device = tc.CUDA(model, B, T, tf32=tf32, attention_blocks=nb)
+        tv, _ = run(device, args.variant_steps, f"{prec} {spec}", log=False)
         mv = float(np.median(tv[2:]))
         variants[spec] = B * T / mv
         print(f"  variant {spec:8s}: {mv * 1e3:.1f} ms/step {B * T / mv / 1e3:.1f}k tok/s", flush=True)
-    tc.SOFTMAX_SHARED = False
+    device.free()
     result["variants_tok_per_s"] = variants
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
 
 
-def profile_step(tc, dm, nxt, args, prec):
+def profile_step(tc, device, nxt, opt, args, prec):
     """Per-kernel device time of one training step (CUPTI through torch.profiler)."""
     import re
     import torch
@@ -566,10 +668,9 @@ def profile_step(tc, dm, nxt, args, prec):
     x, y = nxt()
     tc.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tc.gpt2_forward_cuda(dm, x, y)
-        tc.gpt2_backward_cuda(dm)
-        tc.gpt2_update_cuda(dm, args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
-        tc.mean_loss_cuda(dm)
+        device.forward(x, y)
+        device.backward()
+        device.update(*opt)
         torch.cuda.synchronize()
     rows = {}
     for e in prof.key_averages():
@@ -593,13 +694,12 @@ def cmd_bench_torch(args):
     import torch.nn.functional as F
     sys.path.insert(0, os.path.join(ROOT, "dev"))
     import torch_reference as tr
-    import train_gpt2 as cpu
 
     dev = "cuda"
     B, T = args.B, args.T
     L, NH, C = {12: (12, 12, 768), 24: (24, 16, 1024)}.get(args.depth, (args.depth, args.depth, 64 * args.depth))
     cfg = tr.GPT2Config(1024, 50257, 50304, L, NH, C)
-    nxt, data_name = load_batches(cpu, args.tokens, B, T, 50257)
+    nxt, data_name = load_batches(args.tokens, B, T, 50257)
     results = []
 
     def sdpa_forward(self, x):
@@ -709,7 +809,7 @@ def main():
         b.add_argument("--lr", type=float, default=6e-4)
         b.add_argument("--tokens", default="")
         b.add_argument("--attention-blocks", type=int, default=0)
-        b.add_argument("--variants", default="")
+        b.add_argument("--variants", default="", help="bench: comma list of other causal query-block counts")
         b.add_argument("--variant-steps", type=int, default=6)
         b.add_argument("--json", default="")
         b.add_argument("--profile", action="store_true")

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
 # From the repository root:   bash dev/gpu_check.sh [all|check|parity|train|bench]
-#   check: every kernel vs its CPU twin (tiny shapes), then strict-fp32 and TF32 parity
-#          of the CUDA step vs the CPU step on a tiny config and on GPT-2 124M (B=4, T=64)
+#   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
+#          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
+#          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
+#          GPT-2 124M (B=4, T=64)
 #   parity: PyTorch references (tiny, and GPT-2 124M on the first val batch), then
 #          python test_gpt2.py --device cuda on each, strict fp32
 #   train: python train_gpt2.py --device cuda, GPT-2 124M from scratch at B=16, T=1024
-#   bench: train GPT-2 124M at B=16, T=1024 (loss must fall), tokens/s in strict fp32 and
-#          TF32, ours vs PyTorch eager measured in the same run, device memory
+#   bench: train GPT-2 124M at B=16, T=1024 through the CUDA target (loss must fall),
+#          tokens/s in strict fp32 and TF32, ours vs PyTorch eager measured in the same
+#          run, device memory
 # Needs: numba-cuda, CuPy, PyTorch (bench only). Wheels in .whl/ (e.g. numpy<2.5, which
 # numba-cuda 0.30 needs) are installed into /tmp/site first. Token files are read from
 # .device_data/ when present (tinyshakespeare), else random tokens are used.
@@ -55,8 +58,8 @@ if [ "$what" = all ] || [ "$what" = train ]; then
         -b 16 -t 1024 -x 30 -v 10 -m 4 -s 15 -g 48 -l 6e-4 -u 10 --lr-schedule cosine -q 0.1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-    # VARIANTS_*: other causal query-block counts ("NB", or "NB:plain" for the softmax kernels
-    # without shared memory), timed after the main run; PROFILE=1: per-kernel device times
+    # VARIANTS_*: comma lists of other causal query-block counts (e.g. "2,4"), timed after
+    # the main run; PROFILE=1: per-kernel device times
     step python3 dev/cuda_check.py bench --tf32 0 --steps 10 --tokens "$TRAIN" --variants "${VARIANTS_FP32:-}" \
         ${PROFILE:+--profile} --json "$OUT/bench_ours_fp32.json"
     step python3 dev/cuda_check.py bench --tf32 1 --steps 20 --tokens "$TRAIN" --variants "${VARIANTS_TF32:-}" \

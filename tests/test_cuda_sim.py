@@ -5,13 +5,16 @@ dev/cuda_check.py in a subprocess with NUMBA_ENABLE_CUDASIM=1; the CPU tests in 
 pytest session keep the real Numba CPU JIT. Tiny shapes (L=2, NH=2, C=32, V=60, Vp=128,
 maxT=16, B=2, T=8; kernels alone on ragged N=18, C=40): every kernel against its CPU twin in
 train_gpt2 (encoder+layernorm, residual+bias+layernorm, bias, bias+GELU, causal softmax and
-attention forward/backward for several query-block counts and both batched-GEMM paths,
-fused classifier forward/backward with masked targets, loss statistics, layernorm backward,
-bias and GELU backward, the deterministic encoder backward, global norm + clipping, AdamW in
-both decay modes), the cuBLAS call plumbing through its column-major numpy emulation (every
-transpose combination, strided sub-matrices, bounds-checked), full forward/backward/update
-steps of both paths (with an accumulating micro-step and a loss scale), the API's errors and
-the optimizer-state round trip. The same script checks a real GPU (dev/gpu_check.sh).
+pointer-array attention forward/backward for several query-block counts, fused classifier
+forward/backward with masked targets, loss statistics, layernorm backward, bias and GELU
+backward, the deterministic encoder backward, global norm + clipping, AdamW in both decay
+modes), the cuBLAS call plumbing through its column-major numpy emulation (every transpose
+combination, strided sub-matrices, bounds-checked); then, through the gpt2_common.Device
+interface, full forward/backward/update steps of train_gpt2_cuda.CUDA against
+train_gpt2.CPU (with an accumulating micro-step and a loss scale), main()'s training loop
+with gradient accumulation on both targets (losses, norms, final parameters and AdamW
+state), the state_to_host / state_from_host round trip and an exact resume, and the API's
+errors. The same script checks a real GPU (dev/gpu_check.sh).
 """
 
 import os
@@ -53,10 +56,13 @@ def test_kernels_and_steps_match_cpu():
     out = run_sim("kernels", "--steps", "2", "--attention-blocks", "1,3")
     assert "simulator=True" in out
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
-    assert len(checks) >= 120, f"only {len(checks)} checks ran"
+    assert len(checks) >= 125, f"only {len(checks)} checks ran"
     for name in ("encoder+layernorm ln", "residual+layernorm ln", "bias+gelu_forward gelu",
-                 "attention_forward att nb=3", "attention_backward dk nb=3 strided", "crossentropy_backward",
-                 "layernorm_backward dw acc", "gelu_backward + fc bias", "encoder_backward dwte acc",
-                 "gemm tA=1 tB=1", "adamw params all", "s1 grad wte (acc)", "s1 params", "API semantics"):
+                 "attention_forward att nb=3", "attention_backward dk nb=3", "attention_backward dv nb=1",
+                 "crossentropy_backward", "layernorm_backward dw acc", "gelu_backward + fc bias",
+                 "encoder_backward dwte acc", "gemm tA=1 tB=1", "adamw params all", "adamw v matrices",
+                 "s1 grad wte (acc)", "s1 params", "train loop final params", "train loop final m",
+                 "state round trip params,m,v", "state round trip step", "state from a fresh host m,v",
+                 "resumed params", "API semantics"):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
 

