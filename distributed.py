@@ -217,6 +217,31 @@ def setup(device, nccl_init_dir=None):
     return NCCLGroup(group, nccl_init_dir)
 
 
+class Watchdog:
+    """Ends this process when no training step finishes for `timeout` seconds: a rank
+    that died or a collective that hangs (NCCL has no timeout of its own) must end the
+    job, never leave it waiting. The message names the rank; the launcher (mpirun,
+    torchrun, srun --kill-on-bad-exit) then ends the other ranks. Off for one process."""
+
+    def __init__(self, dist, timeout):
+        self.dist, self.timeout, self.last = dist, timeout, time.monotonic()
+        if dist.world > 1 and timeout > 0:
+            import threading
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self):
+        self.last = time.monotonic()
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            if time.monotonic() - self.last > self.timeout:
+                print(f"error (rank {self.dist.rank} of {self.dist.world}): no training step finished in "
+                      f"{self.timeout:g} s: another rank died or a collective hangs (--dist-timeout)",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+
 # -----------------------------------------------------------------------------
 # NCCL between GPUs (CuPy's binding: the communicator CuPy itself ships and tests)
 

