@@ -4,12 +4,15 @@ GPT-2 training in one flat Python module, in the style of llm.c's train_gpt2.c.
 One float32 buffer holds every parameter, laid out exactly as an llm.c checkpoint;
 the gradients and the AdamW moments are buffers of the same layout, and one more
 buffer holds every activation that the backward pass reads. Named views are sliced
-out of them once, up front. Each layer is a pair of functions over raw arrays,
-`*_forward` and `*_backward`, JIT-compiled by Numba; the big matrix products go
-through numpy's BLAS on 2-D views of the buffers.
+out of them once, up front (the layouts, file formats and data loader live in
+gpt2_common.py, which the CUDA target shares). Each layer is a pair of functions over
+raw arrays, `*_forward` and `*_backward`, JIT-compiled by Numba; the big matrix
+products go through numpy's BLAS on 2-D views of the buffers.
 
-Read it top to bottom: formats, model shape, layers, the model (forward, backward,
-update), data, sampling, the training loop.
+Read it top to bottom: layers, the model (forward, backward, update) and the CPU
+device, sampling, then the training loop, main(), which talks to the CPU target here
+or the CUDA one (train_gpt2_cuda.py) through the same Device interface, on one
+process or as one rank of a data-parallel run (distributed.py).
 """
 
 import argparse
@@ -25,6 +28,9 @@ import zlib
 # Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores; threads
 # that spin-wait after a parallel region would slow the other library's next call.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's static schedule gives every parallel reduction the same order run to run
+# (bit-exact resume relies on it); TBB, which Numba prefers when installed, does not.
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
 
 import distributed  # noqa: E402
 from distributed import SINGLE, shard_range  # noqa: E402
@@ -1085,6 +1091,15 @@ def save_checkpoint(args, dist, device, model, step, train_loader, rng_state, ac
     dist.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
 
+def log_step(log, step, steps, loss, norm, lr, seconds, tokens, peak_seconds):
+    """The step line, and its log.jsonl record (peak_seconds: the step's time at peak FLOP/s)."""
+    mfu = peak_seconds / seconds
+    print(f"step {step:5d}/{steps} | loss {loss:.6f} | norm {norm:7.4f} | lr {lr:.2e} | "
+          f"{1000 * seconds:7.1f} ms | {tokens / seconds:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
+    log.write(type="train", step=step, loss=loss, norm=norm, lr=lr, ms=1000 * seconds, tokens_per_s=tokens / seconds,
+              mfu=mfu)
+
+
 def main(args, dist=SINGLE):
     t_start = time.perf_counter()
     if dist.rank != 0:
@@ -1173,11 +1188,7 @@ def main(args, dist=SINGLE):
                 profile.stop(first_step=not step_times)
             step_times.append(seconds)
 
-            mfu = flops_per_step / seconds / peak
-            print(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | norm {norm:7.4f} | lr {lr:.2e} | "
-                  f"{1000 * seconds:7.1f} ms | {tokens_per_step / seconds:8.0f} tok/s | MFU {100 * mfu:5.1f}%")
-            log.write(type="train", step=step + 1, loss=loss, norm=norm, lr=lr, ms=1000 * seconds,
-                      tokens_per_s=tokens_per_step / seconds, mfu=mfu)
+            log_step(log, step + 1, args.steps, loss, norm, lr, seconds, tokens_per_step, flops_per_step / peak)
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step + 1}: lower the learning rate or clip gradients")
             if stop:

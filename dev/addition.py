@@ -24,10 +24,18 @@ loader does); targets are -1 everywhere except the n+1 answer digits and the fin
 so gpt2_forward averages the loss over those n+2 positions only and gpt2_backward sends
 no gradient from the prompt.
 
-The model is train_gpt2.GPT2Config(maxT=3n+4, V=13, 2 layers, 4 heads, 128 channels by
+The model is gpt2_common.GPT2Config(maxT=3n+4, V=13, 2 layers, 4 heads, 128 channels by
 default; about 0.4M parameters), trained with gpt2_forward / gpt2_backward / gpt2_update
 (AdamW, weight decay on the 2-D weights, gradient clipping at 1.0) under learning_rate()'s
 warmup-then-cosine schedule. Each step draws a fresh batch of random problems.
+
+The recipe (B=128, lr 3e-3, 50 warmup steps) is chosen for a margin, not for the fewest
+steps: a run first sits on a plateau (loss ~1.15, ~1% exact) until the attention finds the
+digits to add, and when it escapes depends on the seed and even on the BLAS's rounding
+(the same seed differs between OpenBLAS kernels). At B=64 some seeds were still on the
+plateau after 600 steps (2.6% exact for seed 5, 87% for seed 1337 on an AVX2 machine);
+at B=128 every seed we tried had escaped by step ~400, was at >= 99.9% by step 600 and
+at 100% at the end, also at C=64 (what the test runs, 800 steps).
 
 Held-out problems: before training, a seeded random set of (a, b) pairs (1000 for n >= 2)
 is set aside; training batches never contain them. Accuracy is exact match of the whole
@@ -45,6 +53,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gpt2_common as common  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
 
 PLUS, EQUALS, END = 10, 11, 12
@@ -56,8 +65,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--digits", type=int, default=2, help="digits per operand (n)")
-    p.add_argument("--steps", type=int, default=0, help="training steps (0: 1500 for n=1-2, 600*n for n>2)")
-    p.add_argument("--batch-size", type=int, default=64, help="problems per step")
+    p.add_argument("--steps", type=int, default=0, help="training steps (0: 1000 for n=1-2, 600*n for n>2)")
+    p.add_argument("--batch-size", type=int, default=128, help="problems per step")
     p.add_argument("--seed", type=int, default=1337, help="model init, held-out split and batch sampling")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
@@ -79,7 +88,7 @@ def parse_args(argv=None):
     if args.channels % args.heads:
         p.error("--channels must be a multiple of --heads")
     if not args.steps:
-        args.steps = 1500 if args.digits <= 2 else 600 * args.digits
+        args.steps = 1000 if args.digits <= 2 else 600 * args.digits
     return args
 
 
@@ -199,9 +208,10 @@ def main(argv=None):
     args = parse_args(argv)
     n, B = args.digits, args.batch_size
     T = 3 * n + 3
-    cfg = gpt.GPT2Config(max_seq_len=T + 1, vocab_size=VOCAB_SIZE, padded_vocab_size=gpt.padded_vocab(VOCAB_SIZE),
-                         num_layers=args.layers, num_heads=args.heads, channels=args.channels)
-    model = gpt.gpt2_init_random(cfg, args.seed)
+    cfg = common.GPT2Config(max_seq_len=T + 1, vocab_size=VOCAB_SIZE,
+                            padded_vocab_size=common.padded_vocab(VOCAB_SIZE),
+                            num_layers=args.layers, num_heads=args.heads, channels=args.channels)
+    model = common.gpt2_init_random(cfg, args.seed)
     problems = Problems(n, args.held_out, args.seed)
     held = len(problems.held_out_keys)
     print(f"{n}-digit addition: sequences like {show(encode_problems([17 % 10 ** n], [25 % 10 ** n], n)[0])!r} "

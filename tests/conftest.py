@@ -24,7 +24,6 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "dev")):
         sys.path.insert(0, _p)
 
 import gpt2_common as common  # noqa: E402
-import train_gpt2 as gpt  # noqa: E402
 
 # The tiny model every model-level test uses.
 TINY = dict(max_seq_len=16, vocab_size=64, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2_common as common
 import train_gpt2 as gpt
 from conftest import REPO_ROOT, llmc_layout, subprocess_env
 
@@ -132,8 +133,8 @@ def files(tmp_path_factory):
     so runs cross epochs) and val.bin (400 tokens)."""
     from prepro_tinyshakespeare import write_token_file
     d = tmp_path_factory.mktemp("trainer_files")
-    model = gpt.gpt2_init_random(gpt.GPT2Config(**CFG), seed=3)
-    gpt.write_checkpoint(model, str(d / "init.bin"))
+    model = common.gpt2_init_random(common.GPT2Config(**CFG), seed=3)
+    common.write_checkpoint(model, str(d / "init.bin"))
     write_token_file(d / "train.bin", structured_tokens(600, 1).tolist())
     write_token_file(d / "val.bin", structured_tokens(400, 2).tolist())
     return {"dir": d, "init": d / "init.bin", "train": d / "train.bin", "val": d / "val.bin"}
@@ -273,9 +274,12 @@ def start_and_wait_for(args, cwd, pattern):
     return proc, lines
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(files, tmp_path, long_baseline):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(files, tmp_path):
+    """A run far too long to finish first (so no machine is fast enough to race the
+    signal); the resumed run is compared with an uninterrupted one of the same length
+    (the constant lr schedule does not depend on -x)."""
     out_dir = tmp_path / "o"
-    proc, lines = start_and_wait_for(base_args(files, **{"-x": 150, "-o": out_dir}), tmp_path, "step     2/")
+    proc, lines = start_and_wait_for(base_args(files, **{"-x": 10 ** 7, "-o": out_dir}), tmp_path, "step     2/")
     assert any("step     2/" in line for line in lines), "".join(lines)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -283,13 +287,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(files, tmp_path, long_ba
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr, stderr
     assert "interrupted: saving a checkpoint" in stdout
-    steps = gpt.list_checkpoint_steps(str(out_dir))
-    assert len(steps) == 1 and 2 <= steps[0] < 150, (steps, stdout)
+    steps = common.list_checkpoint_steps(str(out_dir))
+    assert len(steps) == 1 and 2 <= steps[0], (steps, stdout)
     assert f"checkpoint: {ckpt(out_dir, steps[0])}" in stdout
     assert max(train_records(out_dir)) == steps[0]  # it stopped right after the step it saved
-    out = ok(run_train(base_args(files, **{"-x": 150, "-o": out_dir, "--resume": True}), tmp_path))
+    end = steps[0] + 10
+    out = ok(run_train(base_args(files, **{"-x": end, "-o": out_dir, "--resume": True}), tmp_path))
     assert f"at step {steps[0]}" in out.stdout
-    assert_same_training(long_baseline, out_dir, 150)
+    baseline = tmp_path / "baseline"
+    ok(run_train(base_args(files, **{"-x": end, "-o": baseline}), tmp_path))
+    assert_same_training(baseline, out_dir, end)
 
 
 def test_kill_9_while_checkpointing_every_step_then_resume(files, tmp_path, long_baseline):
@@ -301,7 +308,7 @@ def test_kill_9_while_checkpointing_every_step_then_resume(files, tmp_path, long
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(lines)
-    assert gpt.list_checkpoint_steps(str(out_dir)), "".join(lines)
+    assert common.list_checkpoint_steps(str(out_dir)), "".join(lines)
     out = ok(run_train(base_args(files, **{"-x": 150, "-n": 1, "--keep-checkpoints": 2, "-o": out_dir,
                                            "--resume": True}), tmp_path))
     assert "resuming from" in out.stdout
@@ -340,8 +347,8 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(files, tmp_path, kill_at, re
     names = sorted(p.name for p in out_dir.iterdir())
     if leftover:
         assert any(n.startswith(leftover) for n in names), names  # the half-written temp file
-    assert sorted(gpt.list_checkpoint_steps(str(out_dir))) == list(range(1, resume_step + 1))
-    model, extra = gpt.load_training_checkpoint(str(out_dir))
+    assert sorted(common.list_checkpoint_steps(str(out_dir))) == list(range(1, resume_step + 1))
+    model, extra = common.load_training_checkpoint(str(out_dir))
     assert extra["step"] == resume_step
     assert model.params_memory.tobytes() == ckpt(tmp_path / "full", resume_step).read_bytes()[1024:]
     out = ok(run_train(base_args(files, **flags, **{"-o": out_dir, "--resume": True}), tmp_path))
@@ -405,7 +412,7 @@ def test_checkpoint_files_are_llmc_formats(six_step_run):
     """model_N.bin is a plain llm.c v3 checkpoint; state_N.bin carries m, v and the JSON
     extra (step, data position, RNG state) after a 256-int header."""
     n = LAYOUT[-1][3]
-    model = gpt.read_checkpoint(str(ckpt(six_step_run, 6)))
+    model = common.read_checkpoint(str(ckpt(six_step_run, 6)))
     assert model.num_parameters == n
     raw = ckpt(six_step_run, 6, "state").read_bytes()
     header = np.frombuffer(raw[:1024], dtype="<i4")
@@ -457,8 +464,8 @@ def test_grad_clip_update_equals_the_clipped_update(files, tmp_path):
     out_dir = tmp_path / "o"
     ok(run_train(base_args(files, **{"-x": 1, "--shuffle": 0, "--grad-clip": clip, "--eps": eps, "-l": lr,
                                      "-o": out_dir}), tmp_path))
-    model = gpt.read_checkpoint(str(files["init"]))
-    tokens = np.asarray(gpt.read_token_file(str(files["train"])), dtype=np.int32)
+    model = common.read_checkpoint(str(files["init"]))
+    tokens = np.asarray(common.read_token_file(str(files["train"])), dtype=np.int32)
     x, y = tokens[:B * T].reshape(B, T), tokens[1:B * T + 1].reshape(B, T)  # the first sequential batch
     gpt.gpt2_forward(model, x, y)
     gpt.gpt2_backward(model)
@@ -480,7 +487,7 @@ def test_grad_clip_update_equals_the_clipped_update(files, tmp_path):
 def test_grad_clip_in_process_scales_the_moments(files):
     """gpt2_update(grad_clip=c) returns the unclipped norm and feeds g * c/(norm+1e-6)
     to AdamW: the first moment after one step is (1 - beta1) times that."""
-    model = gpt.read_checkpoint(str(files["init"]))
+    model = common.read_checkpoint(str(files["init"]))
     x, y = random_batch(5)
     gpt.gpt2_forward(model, x, y)
     gpt.gpt2_backward(model)
@@ -490,7 +497,7 @@ def test_grad_clip_in_process_scales_the_moments(files):
     assert returned == pytest.approx(norm, rel=1e-9)
     np.testing.assert_allclose(model.m_memory, 0.1 * g / 4, rtol=1e-5, atol=1e-12)
     # no clipping when the norm is below the threshold
-    model2 = gpt.read_checkpoint(str(files["init"]))
+    model2 = common.read_checkpoint(str(files["init"]))
     gpt.gpt2_forward(model2, x, y)
     gpt.gpt2_backward(model2)
     gpt.gpt2_update(model2, 1e-3, 0.9, 0.999, 1e-8, 0.0, "matrices", grad_clip=norm * 2)
@@ -532,8 +539,9 @@ def test_weight_decay_with_zero_gradient_in_process(files):
     matrices and nothing elsewhere; without decay nothing moves at all."""
     lr, wd = 0.1, 0.3
     for decay, mode in ((wd, "matrices"), (0.0, "matrices")):
-        model = gpt.read_checkpoint(str(files["init"]))
-        gpt.ensure_optimizer_buffers(model)
+        model = common.read_checkpoint(str(files["init"]))
+        common.ensure_gradients(model)
+        common.ensure_optimizer_buffers(model)
         model.grads_memory[:] = 0.0
         p0 = model.params_memory.copy()
         gpt.gpt2_update(model, lr, 0.9, 0.999, 1e-8, decay, mode, grad_clip=1.0)
@@ -588,11 +596,11 @@ def test_shuffled_loader_seeded_and_val_unshuffled(files, tmp_path):
 
 
 def test_shuffled_loader_epochs_are_permutations(files):
-    tokens = np.asarray(gpt.read_token_file(str(files["train"])), dtype=np.int64)
+    tokens = np.asarray(common.read_token_file(str(files["train"])), dtype=np.int64)
     n = (tokens.size - 1) // T
-    loader_a = gpt.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=11)
-    loader_b = gpt.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=11)
-    loader_c = gpt.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=12)
+    loader_a = common.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=11)
+    loader_b = common.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=11)
+    loader_c = common.DataLoader(str(files["train"]), B, T, 64, shuffle=True, seed=12)
     starts = {tuple(tokens[s * T:s * T + T]): s for s in range(n)}
     assert len(starts) == n  # every sample is recognisable by its tokens
     orders = []
@@ -621,7 +629,7 @@ def test_shuffled_loader_epochs_are_permutations(files):
 def torch_val_loss(checkpoint, val_file, batches=0):
     """Mean over sequential (B, T) val batches of the mean cross-entropy, in PyTorch."""
     model = tr.load_llmc_checkpoint(str(checkpoint)).double()
-    tokens = torch.from_numpy(np.asarray(gpt.read_token_file(str(val_file)), dtype=np.int64))
+    tokens = torch.from_numpy(np.asarray(common.read_token_file(str(val_file)), dtype=np.int64))
     n_batches = ((tokens.numel() - 1) // T) // B
     if batches:
         n_batches = min(batches, n_batches)
@@ -662,7 +670,7 @@ def peaky_tiny(files):
     """The tiny init with wte scaled up, so next-token distributions are far from uniform,
     and qkvw scaled up, so attention is far from uniform (its largest weights 0.1-0.4 over
     16 positions): a wrong key, value or position in the cache changes the samples."""
-    model = gpt.read_checkpoint(str(files["init"]))
+    model = common.read_checkpoint(str(files["init"]))
     model.params.wte[...] *= 6.0
     model.params.qkvw[...] *= 10.0
     return model
@@ -802,7 +810,7 @@ def test_hf_weights_load_transposed_and_match_pytorch_logits(tmp_path, case):
         tr._write_safetensors(str(path), sd)  # torch_reference's writer, not train_gpt2's
     else:
         torch.save(sd, str(path))
-    model = gpt.gpt2_from_hf(str(path))
+    model = common.gpt2_from_hf(str(path))
     V, maxT, L, C = HF["V"], HF["maxT"], HF["L"], HF["C"]
     cfg = model.cfg
     assert (cfg.vocab_size, cfg.padded_vocab_size, cfg.max_seq_len, cfg.num_layers, cfg.num_heads, cfg.channels) == \
@@ -834,21 +842,21 @@ def test_hf_weights_load_transposed_and_match_pytorch_logits(tmp_path, case):
 def test_hf_round_trip_is_exact(tmp_path):
     sd = hf_state_dict(seed=9, prefix="transformer.", buffers=True, lm_head=True)
     torch.save(sd, str(tmp_path / "pytorch_model.bin"))
-    model = gpt.gpt2_from_hf(str(tmp_path / "pytorch_model.bin"))
+    model = common.gpt2_from_hf(str(tmp_path / "pytorch_model.bin"))
     out = tmp_path / "model.safetensors"
-    gpt.write_hf(model, str(out))
+    common.write_hf(model, str(out))
     back = tr._read_safetensors(str(out))  # torch_reference's reader
-    expected = {k[len("transformer."):]: v for k, v in sd.items()
+    expected = {k: v for k, v in sd.items()  # save_pretrained's names: tied lm_head and mask buffers left out
                 if k.startswith("transformer.") and not k.endswith((".attn.bias", ".attn.masked_bias"))}
     assert set(back) == set(expected)
     for k, v in expected.items():
         assert back[k].dtype == torch.float32 and torch.equal(back[k], v), k
-    again = gpt.gpt2_from_hf(str(out))
+    again = common.gpt2_from_hf(str(out))
     assert again.cfg == model.cfg
     assert again.params_memory.tobytes() == model.params_memory.tobytes()
     # train_gpt2's own safetensors reader and writer agree with each other too
-    tensors = gpt.read_safetensors(str(out))
-    gpt.write_safetensors(str(tmp_path / "copy.safetensors"), tensors)
+    tensors = common.read_safetensors(str(out))
+    common.write_safetensors(str(tmp_path / "copy.safetensors"), tensors)
     assert (tmp_path / "copy.safetensors").read_bytes() == out.read_bytes()
 
 
@@ -864,7 +872,7 @@ def test_hf_weights_via_cli_eval_train_and_export(files, tmp_path):
         losses.append(float([l for l in out.stdout.splitlines() if l.startswith("val loss")][0].split()[2]))
     assert losses[0] == losses[1]
     model = torch_model_from_hf(sd).double()
-    tokens = torch.from_numpy(np.asarray(gpt.read_token_file(str(files["val"])), dtype=np.int64))
+    tokens = torch.from_numpy(np.asarray(common.read_token_file(str(files["val"])), dtype=np.int64))
     with torch.no_grad():
         ref = np.mean([float(model(tokens[k * B * T:(k + 1) * B * T].view(B, T),
                                    tokens[k * B * T + 1:(k + 1) * B * T + 1].view(B, T))[1]) for k in range(3)])
@@ -874,9 +882,9 @@ def test_hf_weights_via_cli_eval_train_and_export(files, tmp_path):
     out = ok(run_train(base_args(files, **{"-e": tmp_path / "model.safetensors", "-x": 1, "-o": out_dir,
                                            "--export-hf": export}), tmp_path))
     assert f"wrote {export}" in out.stdout
-    exported = gpt.gpt2_from_hf(str(export))
+    exported = common.gpt2_from_hf(str(export))
     assert exported.params_memory.tobytes() == params_of(ckpt(out_dir, 1)).tobytes()
-    initial = gpt.gpt2_from_hf(str(tmp_path / "model.safetensors"))
+    initial = common.gpt2_from_hf(str(tmp_path / "model.safetensors"))
     assert exported.params_memory.tobytes() != initial.params_memory.tobytes()
 
 
@@ -897,7 +905,7 @@ def test_masked_targets_equal_pytorch_with_the_positions_dropped(files):
     keep[1, 9:] = False
     keep[1, 2] = False
     y_masked = np.where(keep, y, -1).astype(np.int32)
-    model = gpt.read_checkpoint(str(files["init"]))
+    model = common.read_checkpoint(str(files["init"]))
     loss = gpt.gpt2_forward(model, x, y_masked)
     gpt.gpt2_backward(model)
     ours = model.grads_memory.astype(np.float64).copy()
@@ -913,7 +921,7 @@ def test_masked_targets_equal_pytorch_with_the_positions_dropped(files):
         scale = max(np.abs(ref_grads[start:end]).max(), 1e-8)
         assert np.abs(ours[start:end] - ref_grads[start:end]).max() <= 2e-5 * scale + 1e-9, name
     # the unmasked loss is different (so the masking mattered)
-    assert gpt.gpt2_forward(gpt.read_checkpoint(str(files["init"])), x, y) != pytest.approx(loss, abs=1e-4)
+    assert gpt.gpt2_forward(common.read_checkpoint(str(files["init"])), x, y) != pytest.approx(loss, abs=1e-4)
     # the loss is the mean of the per-position losses over kept positions
     assert loss == pytest.approx(float(model.acts.losses.reshape(B, T)[keep].astype(np.float64).mean()), rel=1e-6)
     assert np.all(model.acts.losses.reshape(B, T)[~keep] == 0)
@@ -929,7 +937,7 @@ def test_masked_gradients_add_up_over_disjoint_masks(files):
     k1[1, 5:] = True
 
     def loss_and_grads(keep):
-        model = gpt.read_checkpoint(str(files["init"]))
+        model = common.read_checkpoint(str(files["init"]))
         loss = gpt.gpt2_forward(model, x, np.where(keep, y, -1).astype(np.int32))
         gpt.gpt2_backward(model)
         return loss, model.grads_memory.astype(np.float64)
@@ -1102,7 +1110,7 @@ def test_prepro_input_output_trains(tmp_path):
                           env=env(DATA_MIRROR=DATA_MIRROR), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     train_bin, val_bin = tmp_path / "ds" / "story_train.bin", tmp_path / "ds" / "story_val.bin"
-    n_train, n_val = gpt.read_token_file(str(train_bin)).size, gpt.read_token_file(str(val_bin)).size
+    n_train, n_val = common.read_token_file(str(train_bin)).size, common.read_token_file(str(val_bin)).size
     assert n_val == pytest.approx(0.2 * (n_train + n_val), abs=1)
     out_dir = tmp_path / "o"
     out = ok(run_train(["-e", "d2", "-i", train_bin, "-j", val_bin, "-b", 2, "-t", 32, "-x", 2, "-v", 2, "-m", 1,
@@ -1136,11 +1144,17 @@ def test_addition_example_sequences_and_masks():
         assert np.all((y[:, :5] == -1)) and np.all(y[:, 5:] >= 0)
 
 
-def test_addition_example_learns_held_out_problems(tmp_path):
-    """A shortened run (600 steps, C=64: seconds) already gets >= 95% of 1000 held-out
-    2-digit problems exactly right; the default run gets 100%."""
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "dev" / "addition.py"), "--steps", "600", "--channels", "64",
-                           "--eval-every", "0", "--seed", "1337"],
+@pytest.mark.parametrize("seed", [1337, 1])
+def test_addition_example_learns_held_out_problems(tmp_path, seed):
+    """A shortened run (800 steps of B=128 at C=64: ~10 s) gets >= 95% of 1000 held-out
+    2-digit problems exactly right, on more than one seed. When a run leaves its initial
+    plateau depends on the seed and on the BLAS's rounding (it differs between machines),
+    so the recipe has a margin: every seed we tried was at >= 99.9% by step 600 and at 100%
+    at the end, with or without OPENBLAS_CORETYPE=Haswell (at B=64 and 600 steps, some
+    seeds stayed below 90%)."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "dev" / "addition.py"), "--steps", "800", "--channels", "64",
+                           "--batch-size", "128", "--lr", "3e-3", "--warmup", "50", "--eval-every", "0",
+                           "--seed", str(seed)],
                           env=env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
@@ -1168,24 +1182,26 @@ def test_export_hf_from_eval_only_and_sample(files, tmp_path):
     for mode in ("--eval-only", "--sample"):
         path = tmp_path / f"{mode.strip('-')}.safetensors"
         ok(run_train(base_args(files, **{mode: True, "-g": 2, "--export-hf": path}), tmp_path))
-        assert gpt.gpt2_from_hf(str(path), num_heads=params_cfg(files).num_heads).params_memory.tobytes() == \
+        assert common.gpt2_from_hf(str(path), num_heads=params_cfg(files).num_heads).params_memory.tobytes() == \
             params_of(files["init"]).tobytes()
 
 
 def params_cfg(files):
-    return gpt.read_checkpoint(str(files["init"])).cfg
+    return common.read_checkpoint(str(files["init"])).cfg
 
 
 def test_hf_head_count_comes_from_config_json(tmp_path):
-    model = gpt.gpt2_init_random(gpt.GPT2Config(16, 64, 128, 1, 4, 128), seed=2)
+    model = common.gpt2_init_random(common.GPT2Config(16, 64, 128, 1, 4, 128), seed=2)
     path = tmp_path / "model.safetensors"
-    gpt.write_hf(model, str(path))
-    assert gpt.gpt2_from_hf(str(path)).cfg.num_heads == 2  # the guess: 128 channels / 64
+    common.write_hf(model, str(path))
+    assert common.gpt2_from_hf(str(path)).cfg.num_heads == 4  # from the config.json written beside it
+    (tmp_path / "config.json").unlink()
+    assert common.gpt2_from_hf(str(path)).cfg.num_heads == 2  # the guess: 128 channels / 64
     (tmp_path / "config.json").write_text('{"n_head": 4, "n_embd": 128}')
-    assert gpt.gpt2_from_hf(str(path)).cfg.num_heads == 4
+    assert common.gpt2_from_hf(str(path)).cfg.num_heads == 4
     (tmp_path / "config.json").write_text('{"n_head": 3}')
-    with pytest.raises(gpt.UserError, match="3 heads do not divide 128 channels"):
-        gpt.gpt2_from_hf(str(path))
+    with pytest.raises(common.UserError, match="3 heads do not divide 128 channels"):
+        common.gpt2_from_hf(str(path))
 
 
 def test_resume_with_another_seed_is_an_error(files, tmp_path):

@@ -8,7 +8,6 @@ misshapen tensors, end in one line of error.
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
