@@ -281,7 +281,8 @@ def read_checkpoint(path):
         expected = HEADER_INTS * 4 + model.num_parameters * bytes_per_value
         actual = os.path.getsize(path)
         if actual != expected:
-            raise UserError(f"{path}: size {actual} bytes, but its header describes {expected} bytes (truncated or corrupt)")
+            raise UserError(f"{path}: size {actual} bytes, but its header describes {expected} bytes of "
+                            f"{'bfloat16' if bytes_per_value == 2 else 'float32'} values (truncated or corrupt)")
         if bytes_per_value == 4:
             f.readinto(memoryview(model.params_memory).cast("B"))
         else:

@@ -1141,7 +1141,8 @@ def main(args, dist=SINGLE):
     flops_per_step = flops_per_token(cfg, T) * tokens_per_step
     log = JsonlLog(args.output_dir if dist.rank == 0 else None, start_step)
     print(f"train: {train_loader.num_batches()} batches of B={B} T={T} in {len(train_loader.paths)} file(s); "
-          f"{accum_steps} micro-step(s) per step on each of {dist.world} process(es) ({tokens_per_step} tokens); "
+          f"{accum_steps} micro-step(s) per step{f' on each of {dist.world} ranks' if dist.world > 1 else ''} "
+          f"({tokens_per_step} tokens); "
           f"val: {val_loader.num_batches() if val_loader else 0} batches")
     if dist.world > 1:
         print(f"data parallel: {dist.world} ranks over {dist.engine}, ZeRO-{args.zero_stage}: "
