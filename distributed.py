@@ -10,7 +10,7 @@ How a run is launched, and so how the processes find each other:
 - torchrun's or Slurm's environment without MPI (RANK, WORLD_SIZE, LOCAL_RANK, or
   SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID): GPUs only. Rank 0 makes the NCCL id and
   writes it to a file in --nccl-init-dir (a directory every rank can read, as llm.c's
-  `-pi fs`), or serves it over TCP at MASTER_ADDR:MASTER_PORT.
+  `-pi fs`), or serves it over TCP at MASTER_ADDR, port MASTER_PORT + 1.
 
 ZeRO-1 splits the flat buffer into N contiguous shards (`shard_counts`); rank r owns
 shard r of the AdamW moments and updates only those parameters.
@@ -268,6 +268,8 @@ class NCCLGroup:
         self.engine = f"nccl ({group.engine} launch)"
         uid = share_nccl_id(group, lambda: bytes(b % 256 for b in nccl.get_unique_id()), init_dir)
         self.comm = nccl.NcclCommunicator(self.world, tuple(b - 256 if b > 127 else b for b in uid), self.rank)
+        if init_dir and group.engine != "mpi" and self.rank == 0 and os.path.exists(id_file_path(init_dir)):
+            os.remove(id_file_path(init_dir))  # every rank has joined, so every rank has read it
 
     def _type(self, array):
         return self.nccl.NCCL_FLOAT64 if array.dtype.itemsize == 8 else self.nccl.NCCL_FLOAT32
@@ -325,8 +327,8 @@ class NCCLGroup:
 
 def share_nccl_id(group, make_id, init_dir=None):
     """Bytes of the NCCL unique id on every rank: broadcast through MPI when there is
-    MPI, else through a file in init_dir, else over TCP (MASTER_ADDR:MASTER_PORT,
-    default 127.0.0.1:29500, as torchrun)."""
+    MPI, else through a file in init_dir, else over TCP (MASTER_ADDR, port MASTER_PORT
+    + 1; defaults 127.0.0.1 and 29500, as torchrun's)."""
     if group.engine == "mpi":
         return group.comm.bcast(make_id() if group.rank == 0 else None, root=0)
     if init_dir:
@@ -334,8 +336,16 @@ def share_nccl_id(group, make_id, init_dir=None):
     return _id_through_tcp(group, make_id)
 
 
+def id_file_path(init_dir):
+    """One name per job (Slurm's job and step, or torchrun's run id), so no rank reads a
+    file left by an earlier job; rank 0 removes it once the communicator stands."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or ".".join(
+        os.environ.get(name, "") for name in ("SLURM_JOB_ID", "SLURM_STEP_ID")).strip(".") or "run"
+    return os.path.join(init_dir, f"nccl_id_{job}.bin")
+
+
 def _id_through_file(group, make_id, init_dir):
-    path = os.path.join(init_dir, f"nccl_id_{os.environ.get('SLURM_JOB_ID', 'run')}.bin")
+    path = id_file_path(init_dir)
     if group.rank == 0:
         os.makedirs(init_dir, exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
@@ -353,11 +363,18 @@ def _id_through_file(group, make_id, init_dir):
 
 
 def _id_through_tcp(group, make_id):
+    """Rank 0 serves the id at MASTER_ADDR, port MASTER_PORT + 1 (torchrun's own store
+    already listens on MASTER_PORT)."""
     address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "29500"))
+    port = int(os.environ.get("MASTER_PORT", "29500")) + 1
     if group.rank == 0:
         nccl_id = make_id()
-        with socket.create_server((address, port)) as server:
+        try:
+            server = socket.create_server((address, port))
+        except OSError as e:
+            raise DistributedError(f"rank 0: cannot serve the NCCL id at {address}:{port} ({e}); "
+                                   "set MASTER_PORT, or use --nccl-init-dir")
+        with server:
             server.settimeout(RENDEZVOUS_TIMEOUT_S)
             for _ in range(group.world - 1):
                 try:
@@ -378,6 +395,8 @@ def _id_through_tcp(group, make_id):
                     if not chunk:
                         break
                     data += chunk
+                if len(data) < 4 or len(data) != 4 + int.from_bytes(data[:4], "little"):
+                    raise OSError("short read")
                 return data[4:]
         except OSError:
             if time.monotonic() > deadline:

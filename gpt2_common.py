@@ -766,5 +766,10 @@ class Device:
         """The flat parameter-gradient buffer."""
         raise NotImplementedError
 
+    def memory_used(self):
+        """Bytes this process holds where the target computes: peak RSS on the CPU, the
+        GPU's memory in use (ours, cuBLAS's, CuPy's) on CUDA; None when unknown."""
+        return None
+
     def free(self):
         """Give back what the target allocated."""

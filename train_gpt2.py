@@ -652,6 +652,10 @@ class CPU(Device):
     def peak_flops(self):
         return measure_cpu_peak_flops()
 
+    def memory_used(self):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 
 # -----------------------------------------------------------------------------
 # Sampling: llm.c's xorshift* generator, and generation with a KV cache
@@ -1209,7 +1213,10 @@ def main(args, dist=SINGLE):
         raise UserError("the ranks ended with different parameters: the data-parallel update is broken")
     if step_times:
         times = sorted(step_times[1:] or step_times)
-        print(f"done: median step {1000 * times[len(times) // 2]:.1f} ms (first step {1000 * step_times[0]:.1f} ms)")
+        memory = device.memory_used()
+        print(f"done: median step {1000 * times[len(times) // 2]:.1f} ms (first step {1000 * step_times[0]:.1f} ms)"
+              + (f"; {device.name} memory {memory / 2 ** 30:.2f} GiB" + (" (rank 0)" if dist.world > 1 else "")
+                 if memory else ""))
     if profile:
         print(f"time per layer kind, averaged over steps 2..{len(step_times)}:")
         print(profile.table(sum(step_times[1:])))

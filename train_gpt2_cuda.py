@@ -1435,6 +1435,9 @@ class CUDA(common.Device):
     def peak_flops(self):
         return datasheet_peak_tflops(self.tf32) * 1e12
 
+    def memory_used(self):
+        return device_memory_used()
+
     def free(self):
         if self.dm is not None:
             synchronize()

@@ -777,6 +777,31 @@ def cmd_table(args):
             print(f"{r['system'][:58]:58s} {r['precision']:5s} {r['median_ms']:8.1f} {r['tok_per_s'] / 1e3:8.1f}k {mem:>9s}")
 
 
+def cmd_dp_table(args):
+    """Scaling of the data-parallel runs that `dev/gpu_check.sh dp` made: median tokens/s
+    of each run's steps after the first few, against the one-GPU run, and the largest
+    relative loss difference from the one-GPU run that accumulates the same global batch."""
+    def steps(name):
+        with open(os.path.join(args.dir, name, "log.jsonl")) as f:
+            return [r for r in map(json.loads, f) if r["type"] == "train"]
+
+    def tok_per_s(records):
+        rates = sorted(r["tokens_per_s"] for r in records[3:] or records)
+        return rates[len(rates) // 2]
+
+    one = tok_per_s(steps("dp_1gpu"))
+    reference = {r["step"]: r["loss"] for r in steps("dp_1gpu_accum")}
+    print(f"\n{'run':16s} {'tok/s':>10s} {'vs 1 GPU':>9s} {'efficiency':>11s} {'max rel loss diff':>18s}")
+    print(f"{'1 GPU':16s} {one / 1e3:9.1f}k {1.0:8.2f}x {'':>11s} {'':>18s}")
+    for name in sorted(os.listdir(args.dir)):
+        if name.startswith("dp_") and "gpu_z" in name:
+            records = steps(name)
+            gpus = int(name.split("_")[1].rstrip("gpu"))
+            rate = tok_per_s(records)
+            diff = max(abs(r["loss"] - reference[r["step"]]) / abs(reference[r["step"]]) for r in records)
+            print(f"{name[3:]:16s} {rate / 1e3:9.1f}k {rate / one:8.2f}x {rate / one / gpus:10.1%} {diff:18.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -816,9 +841,11 @@ def main():
         b.add_argument("--profile-rows", type=int, default=24)
     t = sub.add_parser("table")
     t.add_argument("dir")
+    t = sub.add_parser("dp-table")
+    t.add_argument("dir")
     args = ap.parse_args()
     {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch,
-     "table": cmd_table}[args.cmd](args)
+     "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
-# From the repository root:   bash dev/gpu_check.sh [all|check|parity|train|bench]
+# From the repository root:   bash dev/gpu_check.sh [all|check|parity|train|bench|dp]
 #   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
 #          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
 #          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
@@ -11,6 +11,10 @@
 #   bench: train GPT-2 124M at B=16, T=1024 through the CUDA target (loss must fall),
 #          tokens/s in strict fp32 and TF32, ours vs PyTorch eager measured in the same
 #          run, device memory
+#   dp (not part of all; on a machine with several GPUs): GPT-2 124M at B=16, T=1024 per
+#          GPU, 20 steps, on 1 GPU and on every GPU through torchrun (NCCL; the id over TCP),
+#          -z 0 and -z 1; tokens/s, scaling, AdamW memory per rank, and the loss against one
+#          GPU accumulating the same global batch (dev/cuda_check.py dp-table)
 # Needs: numba-cuda, CuPy, PyTorch (bench only). Wheels in .whl/ (e.g. numpy<2.5, which
 # numba-cuda 0.30 needs) are installed into /tmp/site first. Token files are read from
 # .device_data/ when present (tinyshakespeare), else random tokens are used.
@@ -65,6 +69,19 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     step python3 dev/cuda_check.py bench --tf32 1 --steps 20 --tokens "$TRAIN" --variants "${VARIANTS_TF32:-}" \
         ${PROFILE:+--profile} --json "$OUT/bench_ours_tf32.json"
     step python3 dev/cuda_check.py bench-torch --steps 10 --tokens "$TRAIN" --json "$OUT/bench_torch.json"
+fi
+if [ "$what" = dp ]; then
+    export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}   # no NVLink multicast on shared hosts
+    N=$(nvidia-smi -L | wc -l)
+    run=(train_gpt2.py --device cuda -i "$TRAIN" -j "" -b 16 -t 1024 -x 20 -v 0 -s 0 -l 6e-4 -u 5 --seed 1337)
+    step python3 "${run[@]}" -d $((16 * 1024 * N)) -o "$OUT/dp_1gpu_accum"
+    step python3 "${run[@]}" -o "$OUT/dp_1gpu"
+    for z in 0 1; do
+        step torchrun --standalone --nproc-per-node="$N" "${run[@]}" -z $z -o "$OUT/dp_${N}gpu_z$z"
+    done
+    python3 dev/cuda_check.py dp-table "$OUT"
+    echo "gpu_check: $([ $status -eq 0 ] && echo ALL OK || echo SOME STEPS FAILED)"
+    exit $status
 fi
 python3 dev/cuda_check.py table "$OUT"
 echo "gpu_check: $([ $status -eq 0 ] && echo ALL OK || echo SOME STEPS FAILED)"

