@@ -210,10 +210,14 @@ def setup(device, nccl_init_dir=None):
         return SINGLE
     if device != "cuda" or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return group
-    from numba import cuda
-    cuda.select_device(group.local_rank)  # before CuPy, cuBLAS and NCCL bind to the current device
-    import cupy
-    cupy.cuda.Device(group.local_rank).use()
+    try:
+        from numba import cuda
+        cuda.select_device(group.local_rank)  # before CuPy, cuBLAS and NCCL bind to the current device
+        import cupy
+        cupy.cuda.Device(group.local_rank).use()
+    except Exception as e:  # no GPU, no driver, fewer GPUs than ranks, no numba-cuda or CuPy
+        raise DistributedError(f"rank {group.rank}: cannot use GPU {group.local_rank} ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())})")
     return NCCLGroup(group, nccl_init_dir)
 
 

@@ -1106,6 +1106,7 @@ def log_step(log, step, steps, loss, norm, lr, seconds, tokens, peak_seconds):
 
 def main(args, dist=SINGLE):
     t_start = time.perf_counter()
+    check_device(args.device)  # before minutes of loading, not after
     if dist.rank != 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; errors still reach stderr
     tokenizer = read_tokenizer(args.tokenizer)

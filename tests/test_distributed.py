@@ -305,3 +305,18 @@ def test_the_nccl_id_reaches_every_rank(tmp_path, how):
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert {out.strip() for out, _ in outputs} == {bytes(range(128)).hex()}
+
+
+def test_launch_errors_are_one_line(tmp_path):
+    """torchrun's variables for a CPU run (CPU data parallel needs MPI), and for a GPU run
+    on a machine whose rank cannot get its GPU: one line, exit 1, no traceback."""
+    from numba import cuda
+    cases = [([], "CPU data parallel runs through MPI")]
+    if not cuda.is_available():
+        cases.append((["--device", "cuda"], "rank 1: cannot use GPU 1"))
+    for flags, fragment in cases:
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt2.py"), "-x", "1", *flags], cwd=str(tmp_path),
+                              env=dict(subprocess_env(), WORLD_SIZE="2", RANK="1", LOCAL_RANK="1"),
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and fragment in lines[0], proc.stderr
