@@ -12,8 +12,10 @@ How a run is launched, and so how the processes find each other:
   writes it to a file in --nccl-init-dir (a directory every rank can read, as llm.c's
   `-pi fs`), or serves it over TCP at MASTER_ADDR, port MASTER_PORT + 1.
 
-ZeRO-1 splits the flat buffer into N contiguous shards (`shard_counts`); rank r owns
-shard r of the AdamW moments and updates only those parameters.
+ZeRO-1 splits the flat buffer into N contiguous shards of one size (`shard_size`; the
+last is cut at the buffer's end on the CPU, and the GPU buffers are padded to N equal
+shards, as NCCL needs); rank r owns shard r of the AdamW moments and updates only
+those parameters.
 
 Nothing here imports numpy, mpi4py or CuPy at module level: `share_cores` must run
 before numpy starts its thread pool, and single-process runs never load MPI.
@@ -23,6 +25,7 @@ import os
 import socket
 import sys
 import time
+from types import SimpleNamespace
 
 MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
@@ -54,16 +57,15 @@ def share_cores():
             return
 
 
-def shard_counts(n, world):
-    """Sizes of the N contiguous shards of a flat buffer of n values (the first n % N
-    shards one value longer)."""
-    return [n // world + (r < n % world) for r in range(world)]
+def shard_size(n, world):
+    """Values per ZeRO-1 shard of a flat buffer of n values: n / world, rounded up."""
+    return (n + world - 1) // world
 
 
 def shard_range(n, world, rank):
-    counts = shard_counts(n, world)
-    lo = sum(counts[:rank])
-    return lo, lo + counts[rank]
+    """[lo, hi) of rank's shard, cut at the end of the buffer."""
+    size = shard_size(n, world)
+    return min(n, rank * size), min(n, (rank + 1) * size)
 
 
 class Single:
@@ -77,20 +79,8 @@ class Single:
     def any(self, flag):
         return bool(flag)
 
-    def all_equal(self, value):
-        return True
-
     def allreduce_sum(self, buffer):
         pass
-
-    def reduce_scatter_sum(self, buffer, shard):
-        shard[...] = buffer
-
-    def allgather(self, buffer):
-        pass
-
-    def gather_to_root(self, shard, full):
-        full[...] = shard
 
     def barrier(self):
         pass
@@ -130,8 +120,9 @@ class MPIGroup:
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def _layout(self, n):
-        counts = shard_counts(n, self.world)
-        return counts, [sum(counts[:r]) for r in range(self.world)]
+        """(counts, displacements) of the shards of a flat buffer of n values."""
+        ranges = [shard_range(n, self.world, r) for r in range(self.world)]
+        return [hi - lo for lo, hi in ranges], [lo for lo, _ in ranges]
 
     def reduce_scatter_sum(self, buffer, shard):
         """shard = this rank's part of the sum of every rank's buffer."""
@@ -143,9 +134,10 @@ class MPIGroup:
         counts, displacements = self._layout(buffer.size)
         self.comm.Allgatherv(self.MPI.IN_PLACE, [buffer, counts, displacements, self.MPI.FLOAT])
 
-    def gather_to_root(self, shard, full):
-        """The shards, in rank order, into full on rank 0 (full may be None elsewhere)."""
-        counts, displacements = self._layout(sum(self.comm.allgather(shard.size)))
+    def gather_to_root(self, shard, full, n):
+        """The shards of a buffer of n values, in rank order, into full on rank 0 (full
+        may be None elsewhere)."""
+        counts, displacements = self._layout(n)
         target = [full, counts, displacements, self.MPI.FLOAT] if self.rank == 0 else None
         self.comm.Gatherv(shard, target, root=0)
 
@@ -161,7 +153,8 @@ class MPIGroup:
         array.copy_to_device(host)
 
     def reduce_scatter_sum_device(self, array, shard):
-        host, part = array.copy_to_host(), np_empty_like(shard)
+        import numpy as np
+        host, part = array.copy_to_host(), np.empty(shard.shape, dtype=shard.dtype)
         self.comm.Reduce_scatter_block(host, part, op=self.MPI.SUM)
         shard.copy_to_device(part)
 
@@ -196,19 +189,21 @@ def setup(device, nccl_init_dir=None):
     """The process group of this run: SINGLE for one process; an MPIGroup between CPU
     processes; an NCCLGroup between GPUs, each rank on GPU LOCAL_RANK (under Numba's
     CUDA simulator, which has no NCCL, the MPIGroup stands in, copying through the host)."""
+    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     if launched_by_mpi():
         group = MPIGroup()
     elif launched_by_environment():
         rank, world, local_rank = environment_rank()
-        if world > 1 and device != "cuda":
-            raise DistributedError("CPU data parallel runs through MPI: launch with mpirun -np N python train_gpt2.py")
-        group = Single()  # no host engine: NCCL carries everything, the few host numbers too
-        group.rank, group.world, group.local_rank, group.engine = rank, world, local_rank, "environment"
+        if world > 1 and (device != "cuda" or simulator):
+            raise DistributedError(f"{'CPU' if device != 'cuda' else 'simulated CUDA'} data parallel runs through "
+                                   "MPI: launch with mpirun -np N python train_gpt2.py")
+        # no host engine: NCCL will carry everything, the few host numbers too
+        group = SimpleNamespace(rank=rank, world=world, local_rank=local_rank, engine="environment")
     else:
         return SINGLE
     if group.world == 1:
         return SINGLE
-    if device != "cuda" or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    if device != "cuda" or simulator:
         return group
     try:
         from numba import cuda
@@ -248,11 +243,6 @@ class Watchdog:
 
 # -----------------------------------------------------------------------------
 # NCCL between GPUs (CuPy's binding: the communicator CuPy itself ships and tests)
-
-
-def np_empty_like(device_array):
-    import numpy as np
-    return np.empty(device_array.shape, dtype=device_array.dtype)
 
 
 def device_pointer(array):
@@ -352,11 +342,11 @@ def _id_through_file(group, make_id, init_dir):
     path = id_file_path(init_dir)
     if group.rank == 0:
         os.makedirs(init_dir, exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
+        nccl_id, tmp = make_id(), f"{path}.tmp.{os.getpid()}"
         with open(tmp, "wb") as f:
-            f.write(make_id())
+            f.write(nccl_id)
         os.replace(tmp, path)
-        return open(path, "rb").read()
+        return nccl_id
     deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
     while time.monotonic() < deadline:
         if os.path.isfile(path):

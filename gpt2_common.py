@@ -193,6 +193,23 @@ def parameter_offsets(cfg):
     return [(name, start, end) for name, _, start, end in tensor_offsets(parameter_shapes(cfg))]
 
 
+def matrix_groups(cfg, end=None):
+    """(start, end, is_matrix) runs of the flat parameter buffer: the 2-D weights (which
+    AdamW's weight decay may apply to) and the rest, neighbours of a kind merged. A
+    buffer padded past the parameters (up to end) ends in a run that is not matrices."""
+    runs = parameter_offsets(cfg)
+    if end is not None and end > runs[-1][2]:
+        runs.append(("padding", runs[-1][2], end))
+    groups = []
+    for name, start, stop in runs:
+        is_matrix = name in MATRIX_PARAMETERS
+        if groups and groups[-1][2] == is_matrix:
+            groups[-1] = (groups[-1][0], stop, is_matrix)
+        else:
+            groups.append((start, stop, is_matrix))
+    return groups
+
+
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))  # GELU's tanh form, as GPT-2: both targets use it
 GELU_CUBE = np.float32(0.044715)
 
@@ -332,6 +349,20 @@ def start_token(cfg):
     return min(EOT_TOKEN, cfg.vocab_size - 1)
 
 
+def model_file_kind(path):
+    """(kind, first bytes) of a file: 'llm.c' (its checkpoint magic), 'torch' (a PyTorch
+    zip or pickle), 'safetensors' (a JSON header after the length), or None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") == CHECKPOINT_MAGIC:
+        return "llm.c", head
+    if head[:2] in (b"PK", b"\x80\x02"):
+        return "torch", head
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors", head
+    return None, head
+
+
 def load_model(init, seed, vocab_size=50257):
     """--init: 'dN' (from scratch), an llm.c checkpoint, or Hugging Face weights (a folder
     or a weights file). A file is told by its first bytes, never by its name."""
@@ -341,11 +372,10 @@ def load_model(init, seed, vocab_size=50257):
         if not re.search(r"[./\\]", init):  # not path-like: a descriptor such as d12 (or a bad one)
             return gpt2_init_random(config_from_depth(init, vocab_size), seed)
         raise UserError(f"--init {init}: checkpoint not found (no such file or folder, and not a dN descriptor such as d12)")
-    with open(init, "rb") as f:
-        head = f.read(9)
-    if len(head) >= 4 and int.from_bytes(head[:4], "little") == CHECKPOINT_MAGIC:
+    kind, head = model_file_kind(init)
+    if kind == "llm.c":
         return read_checkpoint(init)
-    if head[:2] == b"PK" or (len(head) == 9 and head[8:9] == b"{"):  # a torch zip, or safetensors' JSON header
+    if kind is not None:
         return gpt2_from_hf(init)
     found = f"bad magic number {int.from_bytes(head[:4], 'little', signed=True)}" if len(head) >= 4 else "too short"
     raise UserError(f"{init}: not a model file ({found}): expected an llm.c checkpoint (magic {CHECKPOINT_MAGIC}), "
@@ -512,8 +542,11 @@ def read_hf_weights(path):
         for shard in shards:
             tensors.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
         return tensors
-    if path.endswith(".safetensors"):
+    kind, _ = model_file_kind(path)
+    if kind == "safetensors":
         return read_safetensors(path)
+    if kind != "torch":
+        raise UserError(f"{path}: neither safetensors nor a PyTorch state dict")
     try:
         import torch
     except ImportError:
@@ -764,6 +797,10 @@ class Device:
 
     def grads_to_host(self):
         """The flat parameter-gradient buffer."""
+        raise NotImplementedError
+
+    def optimizer_bytes(self):
+        """AdamW state this process holds: m and v, or their ZeRO-1 shards."""
         raise NotImplementedError
 
     def memory_used(self):

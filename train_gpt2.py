@@ -41,9 +41,9 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from gpt2_common import (  # noqa: E402  (shapes, formats, data, errors: what the CUDA target shares)
-    GELU_CUBE, GELU_SCALE, MATRIX_PARAMETERS, DataLoader, Device, UserError, activation_grad_shapes,
+    GELU_CUBE, GELU_SCALE, DataLoader, Device, UserError, activation_grad_shapes,
     activation_shapes, buffer_size, check_tokens, decode, encode_prompt, ensure_gradients, ensure_optimizer_buffers,
-    list_checkpoint_steps, load_model, load_training_checkpoint, parameter_offsets, parameter_shapes,
+    list_checkpoint_steps, load_model, load_training_checkpoint, matrix_groups, parameter_shapes,
     read_tokenizer, save_training_checkpoint, slice_views, start_token, write_file_atomic, write_hf, zeros_f32)
 
 # Numba may reorder float additions (so reductions vectorize), and nothing more: no
@@ -552,14 +552,7 @@ def decay_groups(cfg, weight_decay, weight_decay_mode):
         return [(0, buffer_size(parameter_shapes(cfg)), weight_decay)]
     if weight_decay_mode != "matrices":
         raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
-    groups = []
-    for name, start, end in parameter_offsets(cfg):
-        decay = weight_decay if name in MATRIX_PARAMETERS else 0.0
-        if groups and groups[-1][2] == decay and groups[-1][1] == start:
-            groups[-1] = (groups[-1][0], end, decay)
-        else:
-            groups.append((start, end, decay))
-    return groups
+    return [(start, end, weight_decay if is_matrix else 0.0) for start, end, is_matrix in matrix_groups(cfg)]
 
 
 def gpt2_update(model, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
@@ -629,7 +622,7 @@ class CPU(Device):
             if self.dist.rank == 0:
                 ensure_optimizer_buffers(self.model)
             for full, part in ((self.model.m_memory, self.shard[2]), (self.model.v_memory, self.shard[3])):
-                self.dist.gather_to_root(part, full)
+                self.dist.gather_to_root(part, full, self.model.num_parameters)
 
     def state_from_host(self):
         """ZeRO-1: each rank takes its shard of the checkpoint's m and v, and drops the rest."""

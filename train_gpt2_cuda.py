@@ -53,6 +53,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64
 
+import distributed
 import gpt2_common as common
 
 SIM = bool(numba_config.ENABLE_CUDASIM)
@@ -950,7 +951,7 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
 
     pshapes = common.parameter_shapes(cfg)
     n = dm.num_parameters
-    dm.shard_size = (n + shards - 1) // shards
+    dm.shard_size = distributed.shard_size(n, shards)
     dm.params_padded, dm.grads_padded = _alloc(dm.shard_size * shards), _alloc(dm.shard_size * shards)
     dm.params_memory, dm.grads_memory = dm.params_padded[:n], dm.grads_padded[:n]
     moments = dm.shard_size if shard_optimizer else n
@@ -1006,18 +1007,11 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
 
     # AdamW weight-decay groups: contiguous ranges of the parameter buffer (the padding
     # last, never decayed), as ends relative to the first value this rank updates
-    ends, kinds = [], []
-    for name, start, end in common.parameter_offsets(cfg) + [("padding", n, dm.shard_size * shards)]:
-        is_matrix = name in common.MATRIX_PARAMETERS
-        if kinds and kinds[-1] == is_matrix:
-            ends[-1] = end
-        else:
-            ends.append(end)
-            kinds.append(is_matrix)
+    groups = common.matrix_groups(cfg, end=dm.shard_size * shards)
     dm.update_start = dm.shard_size * rank if shard_optimizer else 0
-    dm.group_end = cuda.to_device(np.array(ends, dtype=np.int64) - dm.update_start)
-    dm.group_is_matrix = np.array(kinds, dtype=bool)
-    dm.group_decay = cuda.to_device(np.zeros(len(ends), dtype=np.float32))
+    dm.group_end = cuda.to_device(np.array([end for _, end, _ in groups], dtype=np.int64) - dm.update_start)
+    dm.group_is_matrix = np.array([is_matrix for _, _, is_matrix in groups], dtype=bool)
+    dm.group_decay = cuda.to_device(np.zeros(len(groups), dtype=np.float32))
     dm._decay_key = None
 
     # attention: query blocks and the pointer arrays of the batched GEMMs
@@ -1346,8 +1340,8 @@ def datasheet_peak_tflops(tf32):
 def _free(dm):
     """Drop the device buffers of dm (the memory goes back when nothing else holds them)."""
     if SIM:
-        mine = {_addr(x) for x in (dm.params_padded, dm.grads_padded, dm.m_memory, dm.v_memory, dm.acts_memory,
-                                   dm.dacts_memory, dm.colsum_part)}
+        mine = {_addr(x) for x in (dm.params_padded, dm.grads_padded, dm.m_memory, dm.v_memory, dm.grad_shard,
+                                   dm.acts_memory, dm.dacts_memory, dm.colsum_part) if x is not None}
         _emu_buffers[:] = [(a, buf) for a, buf in _emu_buffers if a not in mine]
     dm.__dict__.clear()
 

@@ -173,3 +173,16 @@ def test_makefile_runs_every_target_in_a_virtual_environment():
     env["VIRTUAL_ENV"] = "/opt/somewhere"
     out = dry_run("pytest")
     assert "/opt/somewhere/bin/python -m pytest" in out and ".venv/bin/python" not in out, out
+
+
+def test_weights_are_told_by_their_bytes_not_their_name(tmp_path):
+    """A safetensors file named like a torch file, and a torch file named like anything."""
+    model = hf_model(seed=3)
+    folder = tmp_path / "pretrained"
+    model.save_pretrained(str(folder))
+    expected = common.gpt2_from_hf(str(folder)).params_memory
+    (tmp_path / "weights.bin").write_bytes((folder / "model.safetensors").read_bytes())
+    torch.save(model.state_dict(), str(tmp_path / "state.pt"))
+    for name in ("weights.bin", "state.pt"):
+        loaded = common.load_model(str(tmp_path / name), seed=0)
+        assert np.array_equal(loaded.params_memory, expected), name
