@@ -63,7 +63,7 @@ plot:  ## loss curves of $(TRAIN_OUT)/log.jsonl to $(TRAIN_OUT)/loss.png
 addition: install  ## the masked-loss example: learn a+b=c, then report accuracy
 	$(PYTHON) dev/addition.py
 
-gpu-check:  ## on an NVIDIA machine: CUDA parity and benchmark (dev/gpu_check.sh)
+gpu-check:  ## on an NVIDIA machine: fp32/TF32/bf16 parity, loss curve, determinism, benchmarks (dev/gpu_check.sh)
 	bash dev/gpu_check.sh
 
 clean:  ## remove Python and Numba caches (keeps data/ and .venv)

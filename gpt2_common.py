@@ -656,23 +656,30 @@ def write_hf(model, path):
 
 
 # -----------------------------------------------------------------------------
-# Training state on disk: model_NNNNNNNN.bin (llm.c v3 weights) beside
+# Training state on disk: model_NNNNNNNN.bin (llm.c v3 weights; v5, bf16, for bf16 runs) beside
 # state_NNNNNNNN.bin (AdamW m and v, step, data position, sampler RNG).
 
-STATE_FILE_MAGIC, STATE_FILE_VERSION = 20240527, 1
+# Version 1: header, m, v, JSON. Version 2 (bf16 runs, whose model file is llm.c's bf16
+# version 5): header (int 4 = 1), m, v, the float32 master weights, JSON; a resume takes
+# the weights from here, exactly.
+STATE_FILE_MAGIC, STATE_FILE_VERSION, STATE_FILE_VERSION_MASTER = 20240527, 1, 2
 
 
 def checkpoint_paths(output_dir, step):
     return (os.path.join(output_dir, f"model_{step:08d}.bin"), os.path.join(output_dir, f"state_{step:08d}.bin"))
 
 
-def save_training_checkpoint(model, output_dir, step, extra, keep_last):
+def save_training_checkpoint(model, output_dir, step, extra, keep_last, bfloat16=False):
+    """model_NNNNNNNN.bin (llm.c version 3, or version 5 with bfloat16) and the state
+    file (with bfloat16, the float32 master weights too)."""
     model_path, state_path = checkpoint_paths(output_dir, step)
-    write_checkpoint(model, model_path)
+    write_checkpoint(model, model_path, bfloat16)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     blob = json.dumps(dict(extra, step=step, adam_step=model.step)).encode()
-    header[:4] = [STATE_FILE_MAGIC, STATE_FILE_VERSION, model.num_parameters % (1 << 31), len(blob)]
-    write_file_atomic(state_path, [header, model.m_memory, model.v_memory, blob])  # written last: marks it complete
+    version = STATE_FILE_VERSION_MASTER if bfloat16 else STATE_FILE_VERSION
+    header[:5] = [STATE_FILE_MAGIC, version, model.num_parameters % (1 << 31), len(blob), int(bfloat16)]
+    master = [model.params_memory] if bfloat16 else []
+    write_file_atomic(state_path, [header, model.m_memory, model.v_memory, *master, blob])  # last: marks it complete
     steps = list_checkpoint_steps(output_dir)
     for old in steps[:-keep_last] if keep_last > 0 else []:
         for path in checkpoint_paths(output_dir, old):
@@ -703,14 +710,17 @@ def load_training_checkpoint(output_dir):
         try:
             model = read_checkpoint(model_path)
             n = model.num_parameters
-            expected_min = HEADER_INTS * 4 + 8 * n
             with open(state_path, "rb") as f:
-                header = read_header(f, state_path, STATE_FILE_MAGIC, (STATE_FILE_VERSION,))
-                if header[2] != n % (1 << 31) or os.path.getsize(state_path) != expected_min + int(header[3]):
+                header = read_header(f, state_path, STATE_FILE_MAGIC, (STATE_FILE_VERSION, STATE_FILE_VERSION_MASTER))
+                has_master = header[1] == STATE_FILE_VERSION_MASTER and header[4] == 1
+                expected = HEADER_INTS * 4 + (12 if has_master else 8) * n + int(header[3])
+                if header[2] != n % (1 << 31) or os.path.getsize(state_path) != expected:
                     raise UserError(f"{state_path}: size or parameter count does not match {model_path}")
                 ensure_optimizer_buffers(model)
                 f.readinto(memoryview(model.m_memory).cast("B"))
                 f.readinto(memoryview(model.v_memory).cast("B"))
+                if has_master:  # the model file holds bf16: the exact weights are here
+                    f.readinto(memoryview(model.params_memory).cast("B"))
                 extra = json.loads(f.read(int(header[3])))
             model.step = int(extra["adam_step"])
             return model, extra

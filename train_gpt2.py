@@ -913,14 +913,19 @@ def check_device(name):
             raise UserError("--device cuda: no CUDA GPU found (install numba-cuda and CuPy; check the driver)")
 
 
-def build_device(name, model, B, T, tf32=True, dist=SINGLE, zero_stage=0):
-    """The training target by name ('cpu' or 'cuda'), built from the host model; dist
-    and zero_stage make it one rank of a data-parallel run."""
+def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0, recompute=1):
+    """The training target by name ('cpu' or 'cuda'), built from the host model;
+    precision: fp32 (both), tf32 or bf16 (cuda); dist and zero_stage make it one rank of
+    a data-parallel run; recompute (cuda bf16): the GELU output is recomputed in the
+    backward (1) or kept per layer (0)."""
     check_device(name)
     if name == "cpu":
+        if precision != "fp32":
+            raise UserError(f"precision {precision}: the CPU trains in fp32")
         return CPU(model, B, T, dist, zero_stage)
     import train_gpt2_cuda
-    return train_gpt2_cuda.CUDA(model, B, T, tf32=tf32, dist=dist, zero_stage=zero_stage)
+    return train_gpt2_cuda.CUDA(model, B, T, precision=precision, dist=dist, zero_stage=zero_stage,
+                                recompute_gelu=bool(recompute))
 
 
 class JsonlLog:
@@ -972,7 +977,13 @@ def parse_args(argv):
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
-    g.add_argument("--tf32", type=int, default=1, help="cuda: TF32 matmuls (1) or strict fp32 (0)")
+    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="cpu: fp32 only. cuda: bf16 mixed precision (the default: bf16 weights, activations and "
+                        "matmuls, float32 master weights, gradients and AdamW state), tf32 (TF32 matmuls, "
+                        "float32 storage; what --tf32 1 was) or fp32 (strict; --tf32 0)")
+    g.add_argument("-r", "--recompute", type=int, choices=[0, 1], default=1,
+                   help="cuda bf16: recompute the GELU output in the backward (1, llm.c's default: less memory) or "
+                        "keep it per layer (0: faster)")
     g = p.add_argument_group("data parallel (launch with mpirun -np N, srun, or torchrun's environment)")
     g.add_argument("-z", "--zero-stage", type=int, choices=[0, 1], default=0,
                    help="0: every rank keeps all of AdamW's state; 1 (ZeRO-1): each keeps and updates 1/N of it")
@@ -1030,6 +1041,10 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.resume and not args.output_dir:
         p.error("--resume needs --output-dir")
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    if args.device == "cpu" and args.precision != "fp32":
+        p.error(f"--precision {args.precision} needs --device cuda (the CPU trains in fp32)")
     if args.profile and args.device != "cpu":
         p.error("--profile times the CPU layers; on CUDA use dev/cuda_check.py bench --profile")
     if args.total_batch_tokens and args.total_batch_tokens % (args.batch_size * args.seq_len):
@@ -1084,7 +1099,9 @@ def save_checkpoint(args, dist, device, model, step, train_loader, rng_state, ac
     if dist.rank == 0:
         extra = {"loader": train_loader.state(), "rng_state": rng_state, "B": args.batch_size, "T": args.seq_len,
                  "accum_steps": accum_steps, "seed": args.seed, "world": dist.world}
-        print(f"checkpoint: {save_training_checkpoint(model, args.output_dir, step, extra, args.keep_checkpoints)}")
+        path = save_training_checkpoint(model, args.output_dir, step, extra, args.keep_checkpoints,
+                                        bfloat16=args.precision == "bf16")
+        print(f"checkpoint: {path}")
     dist.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
 
@@ -1115,7 +1132,7 @@ def main(args, dist=SINGLE):
     if T > cfg.max_seq_len:
         raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
     val_loader = DataLoader(args.val_data, B, T, cfg.vocab_size) if args.val_data else None
-    device = build_device(args.device, model, B, T, bool(args.tf32), dist, args.zero_stage)
+    device = build_device(args.device, model, B, T, args.precision, dist, args.zero_stage, args.recompute)
     if args.eval_only:
         if val_loader is None:
             raise UserError("--eval-only needs validation data (-j)")

@@ -200,7 +200,57 @@ else:
 
 
 # -----------------------------------------------------------------------------
-# Kernels, forward
+# Storage. Activations and parameters are float32 (fp32, tf32) or bf16 (stored as
+# uint16 bit patterns; under bf16 some stay float32: the residual stream, layernorm
+# weights). Every kernel that touches them reads through ld(array, index), which widens
+# to float32, and writes through st(array, index, value), which rounds to the array's
+# storage (bf16: to nearest even, as gpt2_common.float32_to_bfloat16); both branch on
+# the array's itemsize, a compile-time constant, so each compiled kernel keeps one
+# path. Arithmetic is float32 throughout.
+
+if SIM:  # the same bit manipulations on numpy scalars
+    @cuda.jit(device=True)
+    def bf16_ld(u):
+        return np.uint32(int(u) << 16).view(np.float32)
+
+    @cuda.jit(device=True)
+    def bf16_st(x):
+        b = int(np.float32(x).view(np.uint32))
+        if (b & 0x7FFFFFFF) > 0x7F800000:
+            return np.uint16((b >> 16) | 0x40)
+        return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+else:
+    from numba import int32, uint16, uint32
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def bf16_ld(u):
+        return libdevice.int_as_float(int32(uint32(u) << uint32(16)))
+
+    @cuda.jit(device=True, inline=True)
+    def bf16_st(x):
+        b = uint32(libdevice.float_as_int(x))
+        if (b & uint32(0x7FFFFFFF)) > uint32(0x7F800000):  # NaN stays a (quiet) NaN
+            return uint16((b >> uint32(16)) | uint32(0x40))
+        b = b + uint32(0x7FFF) + ((b >> uint32(16)) & uint32(1))
+        return uint16(b >> uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def ld(arr, idx):
+    v = arr[idx]
+    if arr.itemsize == 2:
+        return bf16_ld(v)
+    return float32(v)
+
+
+@cuda.jit(device=True, inline=True)
+def st(arr, idx, v):
+    if arr.itemsize == 2:
+        arr[idx] = bf16_st(v)
+    else:
+        arr[idx] = v
+
 
 
 @cuda.jit(device=True)
@@ -214,12 +264,12 @@ def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols):
     m = warp_sum(s, sh, ty) / float32(C)
     v = F0
     for c in range(lane, ncols, LANES):
-        d = x[ii, c] - m
+        d = ld(x, (ii, c)) - m
         v += d * d
     v = warp_sum(v, sh, ty) / float32(C)
     rs = ONE / math.sqrt(v + EPS)
     for c in range(lane, ncols, LANES):
-        ln[ii, c] = (x[ii, c] - m) * rs * w[c] + b[c]
+        st(ln, (ii, c), (ld(x, (ii, c)) - m) * rs * ld(w, c) + ld(b, c))
     if lane == 0 and i < N:
         mean[ii] = m
         rstd[ii] = rs
@@ -239,9 +289,8 @@ def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     t = ii % T
     s = F0
     for c in range(lane, ncols, LANES):
-        x = wte[tok, c] + wpe[t, c]
-        encoded[ii, c] = x
-        s += x
+        st(encoded, (ii, c), ld(wte, (tok, c)) + ld(wpe, (t, c)))
+        s += ld(encoded, (ii, c))
     layernorm_row(encoded, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
 
 
@@ -258,12 +307,212 @@ def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
     ii = i if i < N else 0
     s = F0
     for c in range(lane, ncols, LANES):
-        x = res[ii, c]
+        x = ld(res, (ii, c))
         if mode == 1:
-            x = (x + bias[c]) + prev[ii, c]
-            res[ii, c] = x
+            st(res, (ii, c), (x + ld(bias, c)) + ld(prev, (ii, c)))
+            x = ld(res, (ii, c))
         s += x
     layernorm_row(res, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
+
+
+@cuda.jit(**JIT)
+def k_gelu_forward(out, inp):
+    # out = gelu(inp) (tanh form), elementwise over flat arrays (the bf16 backward's
+    # recompute of the GELU output from the stored pre-activation)
+    for i in range(cuda.grid(1), inp.shape[0], cuda.gridsize(1)):
+        x = ld(inp, i)
+        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+        st(out, i, HALF * x * (ONE + math.tanh(u)))
+
+
+@cuda.jit(**JIT)
+def k_classifier_forward(losses, lse, logits, targets, V):
+    # one block per row: online max / sum of exp over the first V columns (one read),
+    # logsumexp kept for the backward; a target of -1 gives loss 0
+    sh = cuda.shared.array(RED_N, float32)
+    row = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    m = NEG_INF
+    s = F0
+    for j in range(tid, V, nt):
+        x = ld(logits, (row, j))
+        if x > m:
+            s = s * math.exp(m - x) + ONE
+            m = x
+        else:
+            s += math.exp(x - m)
+    M = block_max(m, sh)
+    s = s * math.exp(m - M) if s > F0 else F0
+    S = block_sum(s, sh)
+    if tid == 0:
+        lv = M + math.log(S)
+        lse[row] = lv
+        tg = targets[row]
+        losses[row] = lv - ld(logits, (row, tg)) if tg >= 0 else F0
+
+
+@cuda.jit(**JIT)
+def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
+    # in place: logits become dlogits = (softmax - onehot) * dloss, dloss = loss_scale / #valid;
+    # padding columns and masked rows get zero. One pass over each row.
+    row = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    Vp = logits.shape[1]
+    cnt = stats[1]
+    dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
+    tg = targets[row]
+    lv = lse[row]
+    for j in range(tid, Vp, cuda.blockDim.x):
+        if tg < 0 or j >= V:
+            st(logits, (row, j), F0)
+        else:
+            g = math.exp(ld(logits, (row, j)) - lv) * dloss
+            if j == tg:
+                g -= dloss
+            st(logits, (row, j), g)
+
+
+@cuda.jit(**JIT)
+def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow):
+    # dinp (+)= layernorm input gradient; one warp per row, float32 row sums as the CPU;
+    # with has_shadow, shadow = dinp too (the bf16 copy of a float32 residual gradient
+    # that the matmuls read)
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * ROWS + ty
+    N, C = inp.shape
+    ncols = C if i < N else 0
+    ii = i if i < N else 0
+    m = mean[ii]
+    s = rstd[ii]
+    a = F0
+    bb = F0
+    for c in range(lane, ncols, LANES):
+        norm = (ld(inp, (ii, c)) - m) * s
+        dn = ld(w, c) * ld(dout, (ii, c))
+        a += dn
+        bb += dn * norm
+    a = warp_sum(a, sh, ty) / float32(C)
+    bb = warp_sum(bb, sh, ty) / float32(C)
+    for c in range(lane, ncols, LANES):
+        norm = (ld(inp, (ii, c)) - m) * s
+        dn = ld(w, c) * ld(dout, (ii, c))
+        val = (dn - a - norm * bb) * s
+        if not overwrite:
+            val += ld(dinp, (ii, c))
+        st(dinp, (ii, c), val)
+        if has_shadow:
+            st(shadow, (ii, c), val)
+
+
+@cuda.jit(**JIT)
+def k_colsum_partial(part, dout, aux, mean, rstd, mode, chunk):
+    # Column sums over a chunk of rows, written to part[0 / 1, chunk, column]: the bias
+    # gradient (mode 0); also the layernorm weight gradient sum((aux - mean) * rstd * dout)
+    # (mode 1); or first the GELU backward in place, dout = gelu'(aux) * dout (mode 2).
+    # Block: CS_COLS columns x CS_ROWS; a fixed-order sum, no atomics.
+    sh1 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
+    sh2 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    N, OC = dout.shape
+    c = cuda.blockIdx.x * CS_COLS + tx
+    r0 = cuda.blockIdx.y * chunk
+    r1 = min(N, r0 + chunk)
+    a1 = F0
+    a2 = F0
+    if c < OC:
+        for i in range(r0 + ty, r1, CS_ROWS):
+            d = ld(dout, (i, c))
+            if mode == 2:
+                x = ld(aux, (i, c))
+                u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+                th = math.tanh(u)
+                sech2 = ONE - th * th
+                local = HALF * (ONE + th) + HALF * x * sech2 * GELU_SCALE * (ONE + THREE * GELU_CUBE * x * x)
+                st(dout, (i, c), local * d)
+                d = ld(dout, (i, c))
+            elif mode == 1:
+                a2 += (ld(aux, (i, c)) - mean[i]) * rstd[i] * d
+            a1 += d
+    sh1[ty, tx] = a1
+    sh2[ty, tx] = a2
+    cuda.syncthreads()
+    if ty == 0 and c < OC:
+        t1 = sh1[0, tx]
+        t2 = sh2[0, tx]
+        for k in range(1, CS_ROWS):
+            t1 += sh1[k, tx]
+            t2 += sh2[k, tx]
+        part[0, cuda.blockIdx.y, c] = t1
+        if mode == 1:
+            part[1, cuda.blockIdx.y, c] = t2
+
+
+@cuda.jit(**JIT)
+def k_encoder_backward_wpe(dwpe, dout, B, T, accumulate):
+    # dwpe[t] (+)= sum over b of dout[b*T + t], in the CPU's order; rows >= T zeroed
+    # when not accumulating (as the CPU). One thread per (t, c): deterministic.
+    maxT, C = dwpe.shape
+    for idx in range(cuda.grid(1), maxT * C, cuda.gridsize(1)):
+        t = idx // C
+        c = idx - t * C
+        if t < T:
+            s = dwpe[t, c] if accumulate else F0
+            for b in range(B):
+                s += ld(dout, (b * T + t, c))
+            dwpe[t, c] = s
+        elif not accumulate:
+            dwpe[t, c] = F0
+
+
+@cuda.jit(**JIT)
+def k_encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets):
+    # dwte[token] += dout[bt] for every position bt holding token: one block per distinct
+    # token (buckets built on the host, positions in increasing order, as the CPU walks
+    # them), so each row of dwte has one owner: deterministic, no atomics.
+    k = cuda.blockIdx.x
+    if k < num_buckets[0]:
+        tok = bucket_token[k]
+        p0 = bucket_start[k]
+        p1 = bucket_start[k + 1]
+        C = dwte.shape[1]
+        for c in range(cuda.threadIdx.x, C, cuda.blockDim.x):
+            # four independent sums (loads in flight for frequent tokens), fixed order
+            s0 = dwte[tok, c]
+            s1 = F0
+            s2 = F0
+            s3 = F0
+            p = p0
+            while p + 4 <= p1:
+                s0 += ld(dout, (positions[p], c))
+                s1 += ld(dout, (positions[p + 1], c))
+                s2 += ld(dout, (positions[p + 2], c))
+                s3 += ld(dout, (positions[p + 3], c))
+                p += 4
+            while p < p1:
+                s0 += ld(dout, (positions[p], c))
+                p += 1
+            dwte[tok, c] = s0 + ((s1 + s2) + s3)
+
+
+@cuda.jit(**JIT)
+def k_fill(x, value):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        st(x, i, value)
+
+
+@cuda.jit(**JIT)
+def k_store(dst, src):
+    # dst = src rounded to storage (the bf16 weights from the float32 master weights)
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        st(dst, i, src[i])
+
+
+# -----------------------------------------------------------------------------
+# Kernels, forward (float32 only)
 
 
 @cuda.jit(**JIT)
@@ -349,31 +598,6 @@ def k_softmax_forward(att, Tb):
         att[bh, t, t2] = F0
 
 
-@cuda.jit(**JIT)
-def k_classifier_forward(losses, lse, logits, targets, V):
-    # one block per row: online max / sum of exp over the first V columns (one read),
-    # logsumexp kept for the backward; a target of -1 gives loss 0
-    sh = cuda.shared.array(RED_N, float32)
-    row = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    m = NEG_INF
-    s = F0
-    for j in range(tid, V, nt):
-        x = logits[row, j]
-        if x > m:
-            s = s * math.exp(m - x) + ONE
-            m = x
-        else:
-            s += math.exp(x - m)
-    M = block_max(m, sh)
-    s = s * math.exp(m - M) if s > F0 else F0
-    S = block_sum(s, sh)
-    if tid == 0:
-        lv = M + math.log(S)
-        lse[row] = lv
-        tg = targets[row]
-        losses[row] = lv - logits[row, tg] if tg >= 0 else F0
 
 
 @cuda.jit(**JIT)
@@ -396,102 +620,6 @@ def k_loss_reduce(stats, losses, targets):
 
 # -----------------------------------------------------------------------------
 # Kernels, backward
-
-
-@cuda.jit(**JIT)
-def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
-    # in place: logits become dlogits = (softmax - onehot) * dloss, dloss = loss_scale / #valid;
-    # padding columns and masked rows get zero. One pass over each row.
-    row = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    Vp = logits.shape[1]
-    cnt = stats[1]
-    dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
-    tg = targets[row]
-    lv = lse[row]
-    for j in range(tid, Vp, cuda.blockDim.x):
-        if tg < 0 or j >= V:
-            logits[row, j] = F0
-        else:
-            g = math.exp(logits[row, j] - lv) * dloss
-            if j == tg:
-                g -= dloss
-            logits[row, j] = g
-
-
-@cuda.jit(**JIT)
-def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
-    # dinp (+)= layernorm input gradient; one warp per row, float32 row sums as the CPU
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    i = cuda.blockIdx.x * ROWS + ty
-    N, C = inp.shape
-    ncols = C if i < N else 0
-    ii = i if i < N else 0
-    m = mean[ii]
-    s = rstd[ii]
-    a = F0
-    bb = F0
-    for c in range(lane, ncols, LANES):
-        norm = (inp[ii, c] - m) * s
-        dn = w[c] * dout[ii, c]
-        a += dn
-        bb += dn * norm
-    a = warp_sum(a, sh, ty) / float32(C)
-    bb = warp_sum(bb, sh, ty) / float32(C)
-    for c in range(lane, ncols, LANES):
-        norm = (inp[ii, c] - m) * s
-        dn = w[c] * dout[ii, c]
-        val = (dn - a - norm * bb) * s
-        if overwrite:
-            dinp[ii, c] = val
-        else:
-            dinp[ii, c] += val
-
-
-@cuda.jit(**JIT)
-def k_colsum_partial(part, dout, aux, mean, rstd, mode, chunk):
-    # Column sums over a chunk of rows, written to part[0 / 1, chunk, column]: the bias
-    # gradient (mode 0); also the layernorm weight gradient sum((aux - mean) * rstd * dout)
-    # (mode 1); or first the GELU backward in place, dout = gelu'(aux) * dout (mode 2).
-    # Block: CS_COLS columns x CS_ROWS; a fixed-order sum, no atomics.
-    sh1 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
-    sh2 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    N, OC = dout.shape
-    c = cuda.blockIdx.x * CS_COLS + tx
-    r0 = cuda.blockIdx.y * chunk
-    r1 = min(N, r0 + chunk)
-    a1 = F0
-    a2 = F0
-    if c < OC:
-        for i in range(r0 + ty, r1, CS_ROWS):
-            d = dout[i, c]
-            if mode == 2:
-                x = aux[i, c]
-                u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-                th = math.tanh(u)
-                sech2 = ONE - th * th
-                local = HALF * (ONE + th) + HALF * x * sech2 * GELU_SCALE * (ONE + THREE * GELU_CUBE * x * x)
-                d = local * d
-                dout[i, c] = d
-            elif mode == 1:
-                a2 += (aux[i, c] - mean[i]) * rstd[i] * d
-            a1 += d
-    sh1[ty, tx] = a1
-    sh2[ty, tx] = a2
-    cuda.syncthreads()
-    if ty == 0 and c < OC:
-        t1 = sh1[0, tx]
-        t2 = sh2[0, tx]
-        for k in range(1, CS_ROWS):
-            t1 += sh1[k, tx]
-            t2 += sh2[k, tx]
-        part[0, cuda.blockIdx.y, c] = t1
-        if mode == 1:
-            part[1, cuda.blockIdx.y, c] = t2
 
 
 @cuda.jit(**JIT)
@@ -536,51 +664,8 @@ def k_softmax_backward(datt, att, Tb, scale):
         datt[bh, t, t2] = F0
 
 
-@cuda.jit(**JIT)
-def k_encoder_backward_wpe(dwpe, dout, B, T, accumulate):
-    # dwpe[t] (+)= sum over b of dout[b*T + t], in the CPU's order; rows >= T zeroed
-    # when not accumulating (as the CPU). One thread per (t, c): deterministic.
-    maxT, C = dwpe.shape
-    for idx in range(cuda.grid(1), maxT * C, cuda.gridsize(1)):
-        t = idx // C
-        c = idx - t * C
-        if t < T:
-            s = dwpe[t, c] if accumulate else F0
-            for b in range(B):
-                s += dout[b * T + t, c]
-            dwpe[t, c] = s
-        elif not accumulate:
-            dwpe[t, c] = F0
 
 
-@cuda.jit(**JIT)
-def k_encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets):
-    # dwte[token] += dout[bt] for every position bt holding token: one block per distinct
-    # token (buckets built on the host, positions in increasing order, as the CPU walks
-    # them), so each row of dwte has one owner: deterministic, no atomics.
-    k = cuda.blockIdx.x
-    if k < num_buckets[0]:
-        tok = bucket_token[k]
-        p0 = bucket_start[k]
-        p1 = bucket_start[k + 1]
-        C = dwte.shape[1]
-        for c in range(cuda.threadIdx.x, C, cuda.blockDim.x):
-            # four independent sums (loads in flight for frequent tokens), fixed order
-            s0 = dwte[tok, c]
-            s1 = F0
-            s2 = F0
-            s3 = F0
-            p = p0
-            while p + 4 <= p1:
-                s0 += dout[positions[p], c]
-                s1 += dout[positions[p + 1], c]
-                s2 += dout[positions[p + 2], c]
-                s3 += dout[positions[p + 3], c]
-                p += 4
-            while p < p1:
-                s0 += dout[positions[p], c]
-                p += 1
-            dwte[tok, c] = s0 + ((s1 + s2) + s3)
 
 
 # -----------------------------------------------------------------------------
@@ -616,10 +701,16 @@ def k_norm_finalize(normbuf, part, grad_clip):
 
 
 @cuda.jit(**JIT)
-def k_adamw(params, grads, m, v, normbuf, lr, beta1, beta2, eps, bc1, bc2, group_end, group_decay):
-    # cpu.adamw_update, elementwise, with the clip scale read on the device; the weight
-    # decay of element i is that of the first group whose end is > i
+def k_adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
+    # cpu.adamw_update, elementwise, with the clip scale and hyperparameters read on the
+    # device; the weight decay of element i is that of the first group whose end is > i
     scale = float32(normbuf[1])
+    lr = hyper[0]
+    beta1 = hyper[1]
+    beta2 = hyper[2]
+    eps = hyper[3]
+    bc1 = hyper[4]
+    bc2 = hyper[5]
     for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
         k = 0
         while i >= group_end[k]:
@@ -635,25 +726,21 @@ def k_adamw(params, grads, m, v, normbuf, lr, beta1, beta2, eps, bc1, bc2, group
         params[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + wd * params[i])
 
 
-@cuda.jit(**JIT)
-def k_fill(x, value):
-    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        x[i] = value
-
-
 # -----------------------------------------------------------------------------
 # Launch helpers (configured kernels are cached: no per-call configuration objects)
 
 _configured = {}
+_launch_stream = [None]  # the stream kernels go to: None is the legacy default stream
 
 
 def _launch(kernel, grid, block):
     if SIM:  # the simulator's kernel[...] configures the kernel object itself: no caching
         return kernel[grid, block]
-    key = (kernel, grid, block)
+    stream = _launch_stream[0]
+    key = (kernel, grid, block, stream)
     cfg = _configured.get(key)
     if cfg is None:
-        cfg = _configured[key] = kernel[grid, block]
+        cfg = _configured[key] = kernel[grid, block] if stream is None else kernel[grid, block, stream]
     return cfg
 
 
@@ -668,7 +755,8 @@ def fill(x, value=0.0):
 
 def encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     N = encoded.shape[0]
-    _launch(k_encoder_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T)
+    _launch(k_encoder_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
+        encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T)
 
 
 def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
@@ -678,7 +766,18 @@ def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
     mode = 0 if prev is None else 1
     prev = res if prev is None else prev
     bias = w if bias is None else bias
-    _launch(k_residual_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(res, prev, bias, ln, mean, rstd, w, b, mode)
+    _launch(k_residual_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
+        res, prev, bias, ln, mean, rstd, w, b, mode)
+
+
+def gelu_forward(out, inp):
+    """out = gelu(inp), elementwise (any shape, both contiguous)."""
+    _launch(k_gelu_forward, _elt_grid(inp.size), ELT_THREADS)(out.reshape(out.size), inp.reshape(inp.size))
+
+
+def store(dst, src):
+    """dst = src (float32) rounded to dst's storage."""
+    _launch(k_store, _elt_grid(src.size), ELT_THREADS)(dst, src)
 
 
 def _rows_grid(N, OC, rows_per_block=4):
@@ -715,9 +814,10 @@ def classifier_backward(logits, lse, targets, V, stats, loss_scale):
     _launch(k_classifier_backward, logits.shape[0], CE_THREADS)(logits, lse, targets, V, stats, float(loss_scale))
 
 
-def layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite):
+def layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow=None):
     N = inp.shape[0]
-    _launch(k_layernorm_backward_dinp, (N + ROWS - 1) // ROWS, (LANES, ROWS))(dinp, dout, inp, w, mean, rstd, int(overwrite))
+    _launch(k_layernorm_backward_dinp, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
+        dinp, dout, inp, w, mean, rstd, int(overwrite), dinp if shadow is None else shadow, int(shadow is not None))
 
 
 def colsum(part, out1, dout, accumulate, out2=None, aux=None, mean=None, rstd=None, mode=0):
@@ -742,7 +842,8 @@ def encoder_backward_wpe(dwpe, dout, B, T, accumulate):
 
 def encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets, max_buckets):
     threads = min(ENC_THREADS, (dwte.shape[1] + 31) // 32 * 32)
-    _launch(k_encoder_backward_wte, max_buckets, threads)(dwte, dout, positions, bucket_token, bucket_start, num_buckets)
+    _launch(k_encoder_backward_wte, max_buckets, threads)(
+        dwte, dout, positions, bucket_token, bucket_start, num_buckets)
 
 
 def global_norm(normbuf, part, grads, grad_clip, dist=None):
@@ -754,10 +855,10 @@ def global_norm(normbuf, part, grads, grad_clip, dist=None):
     _launch(k_norm_finalize, 1, RED_THREADS)(normbuf, part, float(grad_clip))
 
 
-def adamw(params, grads, m, v, normbuf, lr, beta1, beta2, eps, bc1, bc2, group_end, group_decay):
-    f = np.float32
-    _launch(k_adamw, _elt_grid(params.size), ELT_THREADS)(
-        params, grads, m, v, normbuf, f(lr), f(beta1), f(beta2), f(eps), f(bc1), f(bc2), group_end, group_decay)
+def adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
+    """hyper: device float32 [lr, beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t] (read on the
+    device, so a captured update replays with the step's values)."""
+    _launch(k_adamw, _elt_grid(params.size), ELT_THREADS)(params, grads, m, v, normbuf, hyper, group_end, group_decay)
 
 
 def encoder_buckets(tokens):
@@ -781,27 +882,28 @@ def _addr(x):
     return x.__cuda_array_interface__["data"][0]
 
 
-_emu_buffers = []  # simulator: (address, numpy array) of every flat float32 buffer
+_emu_buffers = []  # simulator: (address, numpy array) of every flat float32 / bf16 buffer
 
 
 def _alloc(n, dtype=np.float32):
     arr = cuda.device_array(int(n), dtype=dtype)
-    if SIM and dtype == np.float32:
+    if SIM and dtype in (np.float32, np.uint16):
         _emu_buffers.append((_addr(arr), arr._ary))
     return arr
 
 
 def _emu_matrix(addr, rows, cols, ld):
-    """Column-major rows x cols matrix at a float32 address, as a numpy view; checks
-    that it lies inside one buffer."""
+    """Column-major rows x cols matrix at an address of a float32 or bf16 (uint16)
+    buffer, as a numpy view; checks that it lies inside the buffer."""
     assert ld >= max(1, rows), (rows, cols, ld)
     for base, buf in _emu_buffers:
         if base <= addr < base + buf.nbytes:
-            off = (addr - base) // 4
-            assert (addr - base) % 4 == 0
+            size = buf.itemsize
+            off = (addr - base) // size
+            assert (addr - base) % size == 0
             extent = (cols - 1) * ld + rows
             assert off + extent <= buf.size, f"matrix out of bounds: offset {off} + extent {extent} > {buf.size}"
-            return np.lib.stride_tricks.as_strided(buf[off:], shape=(rows, cols), strides=(4, 4 * ld))
+            return np.lib.stride_tricks.as_strided(buf[off:], shape=(rows, cols), strides=(size, size * ld))
     raise AssertionError(f"address {addr:#x} is in no device buffer")
 
 
@@ -890,6 +992,259 @@ class Blas:
 
 
 # -----------------------------------------------------------------------------
+# bf16: cuBLASLt matmuls with fused epilogues, and cuDNN's fused attention
+
+R_32F, R_16BF, COMPUTE_32F = 0, 14, 68   # cudaDataType / cublasComputeType_t values
+LT_WORKSPACE = 32 << 20                   # bytes (cuBLASLt's recommendation for Hopper)
+
+
+def _alignment(*addrs):
+    """The largest power of two (at most 256) dividing every address."""
+    a = 256
+    for x in addrs:
+        while x % a:
+            a //= 2
+    return a
+
+
+def _emu_widen(x):
+    return common.bfloat16_to_float32(np.ascontiguousarray(x)) if x.dtype == np.uint16 else np.asarray(x, np.float32)
+
+
+def _emu_store(dst, x):
+    dst[...] = common.float32_to_bfloat16(np.ascontiguousarray(x, np.float32)) if dst.dtype == np.uint16 else x
+
+
+def _gelu_np(x):
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(common.GELU_SCALE * (x + common.GELU_CUBE * x * x * x)))
+
+
+def _gelu_grad_np(x):
+    th = np.tanh(common.GELU_SCALE * (x + common.GELU_CUBE * x * x * x))
+    return np.float32(0.5) * (np.float32(1.0) + th) + np.float32(0.5) * x * (np.float32(1.0) - th * th) * \
+        common.GELU_SCALE * (np.float32(1.0) + np.float32(3.0) * common.GELU_CUBE * x * x)
+
+
+class Lt:
+    """cuBLASLt through nvmath-python's bindings: bf16 operands, float32 accumulation,
+    bf16 or float32 output, and the epilogues the bf16 step fuses: the bias, bias + GELU
+    (keeping the pre-activation), and the GELU backward. One plan (descriptors and the
+    heuristic's algorithm) per shape, made on first use; a call is one cublasLtMatmul.
+    Under the simulator, the same contract in numpy."""
+
+    def __init__(self, stream_ptr):
+        self.plans = {}
+        self.stream = stream_ptr
+        self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        if SIM:
+            return
+        from nvmath.bindings import cublasLt
+        self.lt = cublasLt
+        self.handle = cublasLt.create()
+        self.workspace = cuda.device_array(LT_WORKSPACE, dtype=np.uint8)
+        self.ws_addr = _addr(self.workspace)
+
+    def _plan(self, key):
+        lt = self.lt
+        ta, tb, m, n, k, lda, ldb, ldc, out_type, epilogue, align = key
+        desc = lt.matmul_desc_create(COMPUTE_32F, R_32F)
+        attrs = lt.MatmulDescAttribute
+
+        def set_attr(attr, value, dtype):
+            buf = np.array([value], dtype=dtype)
+            lt.matmul_desc_set_attribute(desc, attr, buf.ctypes.data, buf.itemsize)
+        set_attr(attrs.TRANSA, int(ta), np.int32)
+        set_attr(attrs.TRANSB, int(tb), np.int32)
+        set_attr(attrs.EPILOGUE, int(epilogue), np.uint32)
+        if epilogue in (lt.Epilogue.GELU_AUX_BIAS, lt.Epilogue.DGELU):
+            set_attr(attrs.EPILOGUE_AUX_LD, m, np.int64)
+        la = lt.matrix_layout_create(R_16BF, k if ta else m, m if ta else k, lda)
+        lb = lt.matrix_layout_create(R_16BF, n if tb else k, k if tb else n, ldb)
+        lc = lt.matrix_layout_create(out_type, m, n, ldc)
+        pref = lt.matmul_preference_create()
+        prefs = lt.MatmulPreferenceAttribute
+        for attr, value in ((prefs.MAX_WORKSPACE_BYTES, LT_WORKSPACE), (prefs.MIN_ALIGNMENT_A_BYTES, align),
+                            (prefs.MIN_ALIGNMENT_B_BYTES, align), (prefs.MIN_ALIGNMENT_C_BYTES, align),
+                            (prefs.MIN_ALIGNMENT_D_BYTES, align)):
+            buf = np.array([value], dtype=np.uint64 if attr == prefs.MAX_WORKSPACE_BYTES else np.uint32)
+            lt.matmul_preference_set_attribute(pref, attr, buf.ctypes.data, buf.itemsize)
+        result = np.zeros(1, dtype=lt.matmul_heuristic_result_dtype)
+        count = np.zeros(1, dtype=np.int32)
+        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, lc, lc, pref, 1, result.ctypes.data, count.ctypes.data)
+        lt.matmul_preference_destroy(pref)
+        if count[0] == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
+        ptrs = np.zeros(2, dtype=np.intp)  # bias and aux pointers, set per call
+        return SimpleNamespace(desc=desc, la=la, lb=lb, lc=lc, result=result, ptrs=ptrs)
+
+    def matmul(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, out_fp32=False, accumulate=False, add=0, bias=0,
+               gelu_aux=0, dgelu_aux=0):
+        """Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] (+ C with accumulate), A, B bf16
+        at addresses A, B with row strides lda, ldb (stored M x K, K x N; transposed with
+        tA, tB), C bf16 (float32 with out_fp32); add: the address of a matrix like C
+        added to the product (C itself with accumulate). Epilogues: bias (length N, of
+        C's type) added; with gelu_aux, C = gelu(pre) and pre (bf16, like C) stored at
+        gelu_aux; with dgelu_aux, C = (op(A) @ op(B)) * gelu'(pre at dgelu_aux). In
+        cuBLAS's column-major terms: C^T = op(B)^T @ op(A)^T."""
+        if SIM:
+            return self._emulate(tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add or (C if accumulate else 0), bias,
+                                 gelu_aux, dgelu_aux, out_fp32)
+        lt = self.lt
+        E = lt.Epilogue
+        epilogue = (E.GELU_AUX_BIAS if gelu_aux else E.BIAS if bias else E.DGELU if dgelu_aux else E.DEFAULT)
+        out_type = R_32F if out_fp32 else R_16BF
+        key = (tB, tA, N, M, K, ldb, lda, ldc, out_type, epilogue, _alignment(A, B, C, add, bias, gelu_aux, dgelu_aux))
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = self._plan(key)
+        attrs = lt.MatmulDescAttribute
+        if bias:
+            plan.ptrs[0] = bias
+            lt.matmul_desc_set_attribute(plan.desc, attrs.BIAS_POINTER, plan.ptrs.ctypes.data, 8)
+        if gelu_aux or dgelu_aux:
+            plan.ptrs[1] = gelu_aux or dgelu_aux
+            lt.matmul_desc_set_attribute(plan.desc, attrs.EPILOGUE_AUX_POINTER, plan.ptrs.ctypes.data + 8, 8)
+        beta = self.one if accumulate or add else self.zero
+        lt.matmul(self.handle, plan.desc, self.one.ctypes.data, B, plan.la, A, plan.lb, beta.ctypes.data,
+                  add or C, plan.lc, C, plan.lc, plan.result.ctypes.data, self.ws_addr, LT_WORKSPACE, self.stream)
+
+    def _emulate(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add, bias, gelu_aux, dgelu_aux, out_fp32):
+        opA = _emu_matrix(A, M, K, lda) if tA else _emu_matrix(A, K, M, lda).T
+        opB = _emu_matrix(B, K, N, ldb) if tB else _emu_matrix(B, N, K, ldb).T
+        c = _emu_matrix(C, N, M, ldc).T
+        assert opA.dtype == np.uint16 and opB.dtype == np.uint16 and c.dtype == (np.float32 if out_fp32 else np.uint16)
+        r = np.matmul(_emu_widen(opA), _emu_widen(opB), dtype=np.float32)
+        if add:
+            r = r + _emu_widen(_emu_matrix(add, N, M, ldc).T)
+        if bias:
+            r = r + _emu_widen(_emu_matrix(bias, N, 1, N)[:, 0])
+        if gelu_aux:
+            assert ldc == N
+            _emu_store(_emu_matrix(gelu_aux, N, M, ldc).T, r)
+            r = _gelu_np(r)
+        if dgelu_aux:
+            assert ldc == N
+            r = r * _gelu_grad_np(_emu_widen(_emu_matrix(dgelu_aux, N, M, ldc).T))
+        _emu_store(c, r)
+
+
+class Attention:
+    """cuDNN's fused causal attention through cudnn-frontend's Python graphs: flash-style,
+    the B*NH*T*T scores never reach memory. q, k, v are read in place from the qkv rows
+    (B, T, 3, NH, HS), the output written as (B, T, NH, HS) rows, the softmax's
+    logsumexp (float32, B*NH*T) kept for the backward, which writes dq, dk, dv in place
+    into the dqkv rows. bf16 in and out, float32 inside. Under the simulator, the same
+    contract in numpy."""
+
+    def __init__(self, B, NH, T, HS, stream_ptr):
+        self.B, self.NH, self.T, self.HS = B, NH, T, HS
+        self.scale = 1.0 / math.sqrt(HS)
+        if SIM:
+            return
+        try:  # cudnn-frontend dlopens the CUDA runtime: the wheel's copy, where there is one
+            from cuda.pathfinder import load_nvidia_dynamic_lib
+            load_nvidia_dynamic_lib("cudart")
+        except Exception:  # noqa: BLE001  (a system CUDA runtime is found by the loader)
+            pass
+        import cudnn
+        self.cudnn = cudnn
+        self.handle = cudnn.create_handle()
+        cudnn.set_stream(self.handle, stream_ptr)
+        bf16, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+        C = NH * HS
+        dims = [B, NH, T, HS]
+        qkv_stride, out_stride = [T * 3 * C, HS, 3 * C, 1], [T * C, HS, C, 1]
+        stats_dims, stats_stride = [B, NH, T, 1], [NH * T, T, 1, 1]
+
+        def graph():
+            return cudnn.pygraph(io_data_type=bf16, intermediate_data_type=f32, compute_data_type=f32,
+                                 handle=self.handle)
+
+        def build(g):
+            g.validate()
+            g.build_operation_graph()
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            g.check_support()
+            g.build_plans()
+            return g.get_workspace_size()
+
+        f = graph()
+        q, k, v = (f.tensor(name=n, dim=dims, stride=qkv_stride, data_type=bf16) for n in "qkv")
+        o, stats = f.sdpa(name="attention", q=q, k=k, v=v, generate_stats=True, attn_scale=self.scale,
+                          use_causal_mask=True)
+        o.set_output(True).set_dim(dims).set_stride(out_stride).set_data_type(bf16)
+        stats.set_output(True).set_dim(stats_dims).set_stride(stats_stride).set_data_type(f32)
+
+        def backward_graph(deterministic):
+            b = graph()
+            bq, bk, bv = (b.tensor(name=n, dim=dims, stride=qkv_stride, data_type=bf16) for n in "qkv")
+            bo = b.tensor(name="o", dim=dims, stride=out_stride, data_type=bf16)
+            bdo = b.tensor(name="do", dim=dims, stride=out_stride, data_type=bf16)
+            bst = b.tensor(name="stats", dim=stats_dims, stride=stats_stride, data_type=f32)
+            extra = {"use_deterministic_algorithm": True} if deterministic else {}
+            dq, dk, dv = b.sdpa_backward(name="attention_backward", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bst,
+                                         attn_scale=self.scale, use_causal_mask=True, **extra)
+            for t in (dq, dk, dv):
+                t.set_output(True).set_dim(dims).set_stride(qkv_stride).set_data_type(bf16)
+            return b, build(b), (bq, bk, bv, bo, bdo, bst, dq, dk, dv)
+
+        try:  # a fixed accumulation order (cuDNN 9.11 and later): a seed repeats its losses
+            b, bws, self.bwd_tensors = backward_graph(True)
+            self.deterministic = True
+        except Exception:  # noqa: BLE001  (older cuDNN or binding: the default kernels)
+            b, bws, self.bwd_tensors = backward_graph(False)
+            self.deterministic = False
+        ws = max(build(f), bws, 1)
+        self.workspace = cuda.device_array(ws, dtype=np.uint8)
+        self.fwd, self.fwd_tensors = f, (q, k, v, o, stats)
+        self.bwd = b
+
+    def forward(self, qkv, out, stats):
+        """Addresses: qkv (bf16 BT x 3C), out (bf16 BT x C), stats (float32 B*NH*T)."""
+        if SIM:
+            return self._emulate(qkv, out, stats)
+        q, k, v, o, st = self.fwd_tensors
+        C2 = 2 * self.NH * self.HS  # bytes of C bf16 values
+        self.fwd.execute({q: qkv, k: qkv + C2, v: qkv + 2 * C2, o: out, st: stats}, _addr(self.workspace),
+                         handle=self.handle)
+
+    def backward(self, qkv, out, dout, stats, dqkv):
+        """dqkv (bf16 BT x 3C, overwritten) from dout (bf16 BT x C)."""
+        if SIM:
+            return self._emulate(qkv, out, stats, dout, dqkv)
+        q, k, v, o, do, st, dq, dk, dv = self.bwd_tensors
+        C2 = 2 * self.NH * self.HS
+        self.bwd.execute({q: qkv, k: qkv + C2, v: qkv + 2 * C2, o: out, do: dout, st: stats,
+                          dq: dqkv, dk: dqkv + C2, dv: dqkv + 2 * C2}, _addr(self.workspace), handle=self.handle)
+
+    def _emulate(self, qkv, out, stats, dout=None, dqkv=None):
+        B, NH, T, HS = self.B, self.NH, self.T, self.HS
+        C, BT = NH * HS, B * T
+        x = _emu_widen(_emu_matrix(qkv, 3 * C, BT, 3 * C).T).reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)
+        q, k, v = x[0], x[1], x[2]                                   # (B, NH, T, HS)
+        s = np.matmul(q, k.transpose(0, 1, 3, 2)) * np.float32(self.scale)
+        s = np.where(np.tril(np.ones((T, T), bool)), s, np.float32(-np.inf))
+        m = s.max(-1, keepdims=True)
+        e = np.exp(s - m)
+        z = e.sum(-1, keepdims=True)
+        p = (e / z).astype(np.float32)
+        o_view = _emu_matrix(out, C, BT, C).T
+        st_view = _emu_matrix(stats, B * NH * T, 1, B * NH * T)[:, 0]
+        if dout is None:
+            _emu_store(o_view, np.matmul(p, v).transpose(0, 2, 1, 3).reshape(BT, C))
+            st_view[...] = (m + np.log(z)).reshape(-1)
+            return
+        dy = _emu_widen(_emu_matrix(dout, C, BT, C).T).reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+        dv = np.matmul(p.transpose(0, 1, 3, 2), dy)
+        dp = np.matmul(dy, v.transpose(0, 1, 3, 2))
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * np.float32(self.scale)
+        dq = np.matmul(ds, k)
+        dk = np.matmul(ds.transpose(0, 1, 3, 2), q)
+        grads = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(BT, 3 * C)
+        _emu_store(_emu_matrix(dqkv, 3 * C, BT, 3 * C).T, grads)
+
+
+# -----------------------------------------------------------------------------
 # The model on the device
 
 
@@ -927,28 +1282,22 @@ def _per_layer(view, L):
     return [view[l] for l in range(L)]
 
 
-def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, shard_optimizer=False):
-    """Copy a common.GPT2's parameters to the device and allocate, once, everything a
-    training step at batch shape (B, T) needs. m, v start at zero (step 0);
-    CUDA.state_from_host resumes. attention_blocks: the number of causal query blocks
-    (default: default_attention_blocks). Data parallel over `shards` ranks: the flat
-    parameter and gradient buffers are padded to a multiple of it (NCCL's reduce-scatter
-    and all-gather take equal shards), and with shard_optimizer (ZeRO-1) m and v hold
-    only this rank's shard."""
-    cfg = model.cfg
+def _check_shape(cfg, B, T):
     if T > cfg.max_seq_len or B <= 0 or T <= 0:
         raise common.UserError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
-    C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
-    if C % NH:
-        raise ValueError(f"channels {C} not divisible by heads {NH}")
-    BT, hs = B * T, C // NH
-    dm = CudaGPT2()
-    dm.cfg, dm.B, dm.T, dm.tf32 = cfg, B, T, bool(tf32)
+    if cfg.channels % cfg.num_heads:
+        raise ValueError(f"channels {cfg.channels} not divisible by heads {cfg.num_heads}")
+
+
+def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
+    """What both precisions keep in float32: the parameters (the master weights under
+    bf16), their gradients, AdamW m and v, the grad-norm and loss scratch, the AdamW
+    decay groups, and the pinned token staging."""
+    cfg = dm.cfg = model.cfg
+    dm.B, dm.T = B, T
     dm.num_parameters = model.num_parameters
     dm.step = 0
-    dm.blas = Blas.get()
-    dm.stream = 0 if SIM else cuda.default_stream()
-
+    BT, C = B * T, cfg.channels
     pshapes = common.parameter_shapes(cfg)
     n = dm.num_parameters
     dm.shard_size = distributed.shard_size(n, shards)
@@ -962,6 +1311,64 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
     dm.params_memory.copy_to_device(model.params_memory)
     dm.params = common.slice_views(dm.params_memory, pshapes)
     dm.grads = common.slice_views(dm.grads_memory, pshapes)
+    dm.G = SimpleNamespace(**{name: _per_layer(getattr(dm.grads, name), cfg.num_layers) for name in LAYER_PARAMETERS})
+
+    # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
+    nchunks = (BT + CS_CHUNK - 1) // CS_CHUNK
+    dm.colsum_part = _alloc(2 * nchunks * 4 * C).reshape(2, nchunks, 4 * C)
+    dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
+    dm.normbuf = cuda.device_array(2, dtype=np.float64)
+    dm.stats = cuda.device_array(2, dtype=np.float64)
+    dm.stats.copy_to_device(np.zeros(2))
+    dm.normbuf.copy_to_device(np.array([0.0, 1.0]))
+
+    # token staging: [inputs | targets | positions | bucket tokens | bucket starts (BT+1) | #buckets]
+    ns = 5 * BT + 2
+    dm.staging_host = cuda.pinned_array(ns, dtype=np.int32)
+    dm.staging_host[:] = 0
+    dm.staging = cuda.device_array(ns, dtype=np.int32)
+    dm.staging.copy_to_device(dm.staging_host)
+    stg = dm.staging
+    dm.tokens, dm.targets = stg[0:BT], stg[BT:2 * BT]
+    dm.positions, dm.bucket_token = stg[2 * BT:3 * BT], stg[3 * BT:4 * BT]
+    dm.bucket_start, dm.num_buckets = stg[4 * BT:5 * BT + 1], stg[5 * BT + 1:5 * BT + 2]
+    dm.staging_event = None if SIM else cuda.event(timing=False)
+    dm.host_tokens = None
+    dm.buckets_staged = True
+    dm.has_loss = False        # a forward with targets ran: the loss statistics are valid
+    dm.backward_ready = False  # ... and its logits are still there for a backward
+    # AdamW hyperparameters of the next update, staged as the tokens are
+    dm.hyper_host = cuda.pinned_array(8, dtype=np.float32)
+    dm.hyper_host[:] = 0
+    dm.hyper = cuda.to_device(dm.hyper_host)
+
+    # AdamW weight-decay groups: contiguous ranges of the parameter buffer (the padding
+    # last, never decayed), as ends relative to the first value this rank updates
+    groups = common.matrix_groups(cfg, end=dm.shard_size * shards)
+    dm.update_start = dm.shard_size * rank if shard_optimizer else 0
+    dm.group_end = cuda.to_device(np.array([end for _, end, _ in groups], dtype=np.int64) - dm.update_start)
+    dm.group_is_matrix = np.array([is_matrix for _, _, is_matrix in groups], dtype=bool)
+    dm.group_decay = cuda.to_device(np.zeros(len(groups), dtype=np.float32))
+    dm._decay_key = None
+
+
+def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, shard_optimizer=False):
+    """Copy a common.GPT2's parameters to the device and allocate, once, everything a
+    training step at batch shape (B, T) needs. m, v start at zero (step 0);
+    CUDA.state_from_host resumes. attention_blocks: the number of causal query blocks
+    (default: default_attention_blocks). Data parallel over `shards` ranks: the flat
+    parameter and gradient buffers are padded to a multiple of it (NCCL's reduce-scatter
+    and all-gather take equal shards), and with shard_optimizer (ZeRO-1) m and v hold
+    only this rank's shard."""
+    cfg = model.cfg
+    _check_shape(cfg, B, T)
+    C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
+    hs = C // NH
+    dm = CudaGPT2()
+    dm.tf32 = bool(tf32)
+    dm.blas = Blas.get()
+    dm.stream = 0 if SIM else cuda.default_stream()
+    _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
 
     ashapes = common.activation_shapes(cfg, B, T)
     dm.acts_memory = _alloc(common.buffer_size(ashapes))
@@ -972,47 +1379,12 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
     dm.dacts_memory = _alloc(common.buffer_size(dshapes))
     fill(dm.dacts_memory, 0.0)
     dm.dacts = common.slice_views(dm.dacts_memory, dshapes)
-    # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
-    nchunks = (BT + CS_CHUNK - 1) // CS_CHUNK
-    dm.colsum_part = _alloc(2 * nchunks * 4 * C).reshape(2, nchunks, 4 * C)
-    dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
-    dm.normbuf = cuda.device_array(2, dtype=np.float64)
-    dm.stats = cuda.device_array(2, dtype=np.float64)
-    dm.stats.copy_to_device(np.zeros(2))
-    dm.normbuf.copy_to_device(np.array([0.0, 1.0]))
-
     # per-layer views (indexing a device array costs a Python object each time)
     p, g, a = dm.params, dm.grads, dm.acts
     dm.P = SimpleNamespace(**{name: _per_layer(getattr(p, name), L) for name in LAYER_PARAMETERS})
-    dm.G = SimpleNamespace(**{name: _per_layer(getattr(g, name), L) for name in LAYER_PARAMETERS})
     dm.A = SimpleNamespace(**{name: _per_layer(getattr(a, name), L) for name in LAYER_ACTIVATIONS})
     dm.att3 = [a.att[l].reshape(B * NH, T, T) for l in range(L)]
     dm.datt3 = dm.dacts.datt
-
-    # token staging: [inputs | targets | positions | bucket tokens | bucket starts (BT+1) | #buckets]
-    ns = 5 * BT + 2
-    dm.staging_host = cuda.pinned_array(ns, dtype=np.int32)
-    dm.staging_host[:] = 0
-    dm.staging = cuda.device_array(ns, dtype=np.int32)
-    dm.staging.copy_to_device(dm.staging_host)
-    st = dm.staging
-    dm.tokens, dm.targets = st[0:BT], st[BT:2 * BT]
-    dm.positions, dm.bucket_token = st[2 * BT:3 * BT], st[3 * BT:4 * BT]
-    dm.bucket_start, dm.num_buckets = st[4 * BT:5 * BT + 1], st[5 * BT + 1:5 * BT + 2]
-    dm.staging_event = None if SIM else cuda.event(timing=False)
-    dm.host_tokens = None
-    dm.buckets_staged = True
-    dm.has_loss = False        # a forward with targets ran: the loss statistics are valid
-    dm.backward_ready = False  # ... and its logits are still there for a backward
-
-    # AdamW weight-decay groups: contiguous ranges of the parameter buffer (the padding
-    # last, never decayed), as ends relative to the first value this rank updates
-    groups = common.matrix_groups(cfg, end=dm.shard_size * shards)
-    dm.update_start = dm.shard_size * rank if shard_optimizer else 0
-    dm.group_end = cuda.to_device(np.array([end for _, end, _ in groups], dtype=np.int64) - dm.update_start)
-    dm.group_is_matrix = np.array([is_matrix for _, _, is_matrix in groups], dtype=bool)
-    dm.group_decay = cuda.to_device(np.zeros(len(groups), dtype=np.float32))
-    dm._decay_key = None
 
     # attention: query blocks and the pointer arrays of the batched GEMMs
     nb = attention_blocks or default_attention_blocks(T, tf32)
@@ -1283,6 +1655,14 @@ def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
     the gradients are summed over the ranks in one call over the flat buffer; under
     ZeRO-1 (dm.grad_shard) that is a reduce-scatter, this rank updates its shard of the
     parameters with its shard of m and v, and the ranks all-gather the parameters."""
+    stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
+    return update_on_device(dm, grad_clip, dist)
+
+
+def stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode):
+    """The host side of an update: count the step, stage the AdamW hyperparameters and
+    bias corrections (pinned, async, like the tokens), and the decay groups when they
+    change."""
     if weight_decay_mode not in ("all", "matrices"):
         raise ValueError(f"weight_decay_mode must be 'all' or 'matrices', not {weight_decay_mode!r}")
     dm.step += 1
@@ -1291,8 +1671,18 @@ def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
         decay = np.full(dm.group_is_matrix.size, weight_decay, dtype=np.float32)
         if weight_decay_mode == "matrices":
             decay[~dm.group_is_matrix] = 0.0
-        dm.group_decay.copy_to_device(decay)
+        dm.group_decay.copy_to_device(decay, stream=dm.stream)
         dm._decay_key = key
+    _wait_staging(dm)
+    dm.hyper_host[:6] = (lr, beta1, beta2, eps, 1.0 - beta1 ** dm.step, 1.0 - beta2 ** dm.step)
+    dm.hyper.copy_to_device(dm.hyper_host, stream=dm.stream)
+    if dm.staging_event is not None:
+        dm.staging_event.record(dm.stream)
+
+
+def update_on_device(dm, grad_clip, dist=None):
+    """The device side of an update (what a CUDA graph captures): the gradient
+    reduction over the ranks, the norm and clip scale, AdamW, the all-gather."""
     sharded = dm.grad_shard is not None
     if sharded:
         dist.reduce_scatter_sum_device(dm.grads_padded, dm.grad_shard)
@@ -1303,13 +1693,189 @@ def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
             dist.allreduce_sum_device(dm.grads_padded)
         params, grads = dm.params_memory, dm.grads_memory
     global_norm(dm.normbuf, dm.norm_part, grads, grad_clip, dist if sharded else None)
-    bc1 = 1.0 - beta1 ** dm.step
-    bc2 = 1.0 - beta2 ** dm.step
-    adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, lr, beta1, beta2, eps, bc1, bc2, dm.group_end,
-          dm.group_decay)
+    adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end, dm.group_decay)
     if sharded:
         dist.allgather_device(dm.params_padded)
     return dm.normbuf[0:1]
+
+
+# -----------------------------------------------------------------------------
+# bf16 mixed precision: bf16 weights for the matmuls, bf16 activations and activation
+# gradients; float32 master weights (which the layernorms and the embedding lookup read,
+# as PyTorch's autocast does), parameter gradients, AdamW m and v, the residual stream
+# and its gradient (the matmuls that end a block add their output to it in float32, and
+# read a bf16 shadow of its gradient), layernorm, softmax and loss statistics. Matmuls
+# through Lt, attention through Attention, the GELU output recomputed in the backward
+# from the stored pre-activation by default (llm.c's -r 1: one shared buffer instead of
+# one per layer, 2*B*T*4C*(L-1) bytes less; recompute_gelu=False keeps them).
+
+BF16_ACTIVATIONS = ("ln1", "qkv", "atty", "ln2", "fch")
+F32_ACTIVATIONS = ("residual2", "residual3", "ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")
+
+
+def bf16_activation_shapes(cfg, B, T, recompute_gelu=True):
+    """The bf16 activations and backward scratch (one buffer), then the float32 ones."""
+    L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
+    bf16 = [("ln1", (L, BT, C)), ("qkv", (L, BT, 3 * C)), ("atty", (L, BT, C)), ("ln2", (L, BT, C)),
+            ("fch", (L, BT, 4 * C)), ("fch_gelu", (BT, 4 * C) if recompute_gelu else (L, BT, 4 * C)),
+            ("lnf", (BT, C)), ("logits", (BT, Vp)),
+            ("dresidual16", (BT, C)), ("dC", (BT, C)), ("d3C", (BT, 3 * C)), ("d4C", (BT, 4 * C))]
+    f32 = [("encoded", (BT, C)), ("residual2", (L, BT, C)), ("residual3", (L, BT, C)), ("dresidual", (BT, C)),
+           ("ln1_mean", (L, BT)), ("ln1_rstd", (L, BT)), ("ln2_mean", (L, BT)), ("ln2_rstd", (L, BT)),
+           ("lnf_mean", (BT,)), ("lnf_rstd", (BT,)), ("losses", (BT,)), ("logsumexp", (BT,)),
+           ("att_stats", (L, B * NH * T))]
+    return bf16, f32
+
+
+def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute_gelu=True):
+    """to_device for bf16: the float32 state of _parameters_to_device, a bf16 copy of the
+    parameters (same layout), the bf16 and float32 activations, one stream that every
+    kernel, matmul, attention call and copy of the step goes to (so a step can be
+    captured in a CUDA graph), the cuBLASLt plans and the cuDNN attention graphs."""
+    cfg = model.cfg
+    _check_shape(cfg, B, T)
+    C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
+    dm = CudaGPT2()
+    dm.tf32 = False
+    dm.recompute_gelu = bool(recompute_gelu)
+    # cuBLASLt's bias + GELU epilogue, used where the shapes are GPT-2-like: at a small
+    # ragged shape (24 x 40 x 56, this product's transposes) it returned wrong values on
+    # an H200 (dev/cuda_check.py bf16), so other shapes take the bias epilogue and our
+    # GELU kernel
+    dm.fused_gelu = (B * T) % 64 == 0 and C % 64 == 0
+    if SIM:
+        dm.stream, dm.stream_ptr, dm.cupy_stream = 0, 0, None
+    else:
+        import cupy
+        dm.cupy_stream = cupy.cuda.Stream(non_blocking=False)  # ordered with the legacy default stream
+        dm.stream_ptr = dm.cupy_stream.ptr
+        dm.stream = cuda.external_stream(dm.stream_ptr)
+    _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
+    dm.params16_padded = _alloc(dm.params_padded.size, np.uint16)
+    store(dm.params16_padded, dm.params_padded)
+    dm.params16 = common.slice_views(dm.params16_padded[:dm.num_parameters], common.parameter_shapes(cfg))
+    dm.P = SimpleNamespace(**{name: _per_layer(getattr(dm.params, name), L) for name in LAYER_PARAMETERS})
+
+    bf16, f32 = bf16_activation_shapes(cfg, B, T, recompute_gelu)
+    dm.acts16_memory = _alloc(common.buffer_size(bf16), np.uint16)
+    dm.acts32_memory = _alloc(common.buffer_size(f32))
+    fill(dm.acts16_memory, 0.0)
+    fill(dm.acts32_memory, 0.0)
+    dm.acts = common.slice_views(dm.acts16_memory, bf16)
+    for name, view in vars(common.slice_views(dm.acts32_memory, f32)).items():
+        setattr(dm.acts, name, view)
+    a = dm.acts
+    dm.A = SimpleNamespace(**{name: _per_layer(getattr(a, name), L) for name in BF16_ACTIVATIONS + F32_ACTIVATIONS})
+    dm.att_stats = [_addr(x) for x in _per_layer(a.att_stats, L)]
+    dm.A.fch_gelu = [a.fch_gelu] * L if recompute_gelu else _per_layer(a.fch_gelu, L)
+
+    ad = SimpleNamespace()  # addresses of every matmul operand
+    p16 = SimpleNamespace(**{name: _per_layer(getattr(dm.params16, name), L) for name in LAYER_PARAMETERS})
+    for name in ("qkvw", "qkvb", "attprojw", "fcw", "fcb", "fcprojw"):  # bf16 weights, and the biases of bf16 outputs
+        setattr(ad, name, [_addr(x) for x in getattr(p16, name)])
+    for name in ("attprojb", "fcprojb"):  # float32 biases of the float32 (residual) outputs
+        setattr(ad, name, [_addr(x) for x in getattr(dm.P, name)])
+    for name in ("qkvw", "attprojw", "fcw", "fcprojw"):
+        setattr(ad, "g" + name, [_addr(x) for x in getattr(dm.G, name)])
+    for name in BF16_ACTIVATIONS + ("fch_gelu", "residual2", "residual3"):
+        setattr(ad, name, [_addr(x) for x in getattr(dm.A, name)])
+    for name in ("encoded", "lnf", "logits", "dresidual16", "dC", "d3C", "d4C"):
+        setattr(ad, name, _addr(getattr(a, name)))
+    ad.wte, ad.gwte = _addr(dm.params16.wte), _addr(dm.grads.wte)
+    dm.addr = ad
+    dm.lt = Lt(dm.stream_ptr)
+    dm.attention = Attention(B, NH, T, C // NH, dm.stream_ptr)
+    return dm
+
+
+def gpt2_forward_bf16(dm):
+    """The bf16 forward over the staged tokens (and targets, with dm.has_loss)."""
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    L, V = cfg.num_layers, cfg.vocab_size
+    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    p, a, P, A, ad, lt = dm.params, dm.acts, dm.P, dm.A, dm.addr, dm.lt
+
+    first_ln = (A.ln1[0], A.ln1_mean[0], A.ln1_rstd[0], P.ln1w[0], P.ln1b[0]) if L else \
+        (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
+    encoder_layernorm(a.encoded, first_ln[0], first_ln[1], first_ln[2], dm.tokens, p.wte, p.wpe,
+                      first_ln[3], first_ln[4], T)
+    residual = ad.encoded
+    for l in range(L):
+        lt.matmul(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C, bias=ad.qkvb[l])
+        dm.attention.forward(ad.qkv[l], ad.atty[l], dm.att_stats[l])
+        lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
+                  add=residual, bias=ad.attprojb[l])
+        residual_layernorm(A.residual2[l], None, None, A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
+        if dm.fused_gelu:
+            lt.matmul(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch_gelu[l], 4 * C, bias=ad.fcb[l],
+                      gelu_aux=ad.fch[l])
+        else:
+            lt.matmul(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch[l], 4 * C, bias=ad.fcb[l])
+            gelu_forward(A.fch_gelu[l], A.fch[l])
+        lt.matmul(False, True, BT, C, 4 * C, ad.fch_gelu[l], 4 * C, ad.fcprojw[l], 4 * C, ad.residual3[l], C,
+                  out_fp32=True, add=ad.residual2[l], bias=ad.fcprojb[l])
+        if l + 1 < L:
+            nxt = (A.ln1[l + 1], A.ln1_mean[l + 1], A.ln1_rstd[l + 1], P.ln1w[l + 1], P.ln1b[l + 1])
+        else:
+            nxt = (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
+        residual_layernorm(A.residual3[l], None, None, *nxt)
+        residual = ad.residual3[l]
+    lt.matmul(False, True, BT, Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
+    if dm.has_loss:
+        classifier_forward(a.losses, a.logsumexp, a.logits, dm.targets, V)
+        loss_reduce(dm.stats, a.losses, dm.targets)
+
+
+def gpt2_backward_bf16(dm, accumulate, loss_scale):
+    """The bf16 backward of the last forward (gradients into the float32 buffer;
+    accumulate adds to them). The logits become dlogits."""
+    cfg, B, T = dm.cfg, dm.B, dm.T
+    L, V = cfg.num_layers, cfg.vocab_size
+    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    p, g, a = dm.params, dm.grads, dm.acts
+    P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
+    part = dm.colsum_part
+
+    classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
+    lt.matmul(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
+    lt.matmul(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, out_fp32=True, accumulate=accumulate)
+    last_residual = A.residual3[L - 1] if L > 0 else a.encoded
+    layernorm_backward_dinp(a.dresidual, a.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, a.dresidual16)
+    colsum(part, g.lnfb, a.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+    for l in range(L - 1, -1, -1):
+        residual = A.residual3[l - 1] if l > 0 else a.encoded
+        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        colsum(part, G.fcprojb[l], a.dresidual, accumulate)
+        if dm.recompute_gelu:
+            gelu_forward(A.fch_gelu[l], A.fch[l])
+        lt.matmul(True, False, C, 4 * C, BT, ad.dresidual16, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C,
+                  out_fp32=True, accumulate=accumulate)
+        lt.matmul(False, False, BT, 4 * C, C, ad.dresidual16, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C,
+                  dgelu_aux=ad.fch[l])
+        colsum(part, G.fcb[l], a.d4C, accumulate)
+        lt.matmul(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
+        lt.matmul(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, out_fp32=True,
+                  accumulate=accumulate)
+        layernorm_backward_dinp(a.dresidual, a.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
+                                a.dresidual16)
+        colsum(part, G.ln2b[l], a.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
+               rstd=A.ln2_rstd[l], mode=1)
+        # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
+        colsum(part, G.attprojb[l], a.dresidual, accumulate)
+        lt.matmul(False, False, BT, C, C, ad.dresidual16, C, ad.attprojw[l], C, ad.dC, C)
+        lt.matmul(True, False, C, C, BT, ad.dresidual16, C, ad.atty[l], C, ad.gattprojw[l], C, out_fp32=True,
+                  accumulate=accumulate)
+        dm.attention.backward(ad.qkv[l], ad.atty[l], ad.dC, dm.att_stats[l], ad.d3C)
+        colsum(part, G.qkvb[l], a.d3C, accumulate)
+        lt.matmul(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
+        lt.matmul(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, out_fp32=True,
+                  accumulate=accumulate)
+        layernorm_backward_dinp(a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
+                                a.dresidual16)
+        colsum(part, G.ln1b[l], a.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
+               rstd=A.ln1_rstd[l], mode=1)
+    encoder_backward_wte(g.wte, a.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
+    encoder_backward_wpe(g.wpe, a.dresidual, B, T, accumulate)
 
 
 def synchronize():
@@ -1324,24 +1890,23 @@ def device_memory_used():
     return total - free
 
 
-def datasheet_peak_tflops(tf32):
-    """Dense peak of the GPU for MFU: the H100/H200 SXM datasheet's TF32 tensor-core
-    (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs and the
-    simulator."""
+def datasheet_peak_tflops(precision):
+    """Dense peak of the GPU for MFU: the H100/H200 SXM datasheet's BF16 (989.4), TF32
+    tensor-core (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs
+    and the simulator."""
     if SIM:
         return 0.0
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else str(name)
     if "H100" in name or "H200" in name:
-        return 494.7 if tf32 else 66.9
+        return {"bf16": 989.4, "tf32": 494.7}.get(precision, 66.9)
     return 0.0
 
 
 def _free(dm):
     """Drop the device buffers of dm (the memory goes back when nothing else holds them)."""
     if SIM:
-        mine = {_addr(x) for x in (dm.params_padded, dm.grads_padded, dm.m_memory, dm.v_memory, dm.grad_shard,
-                                   dm.acts_memory, dm.dacts_memory, dm.colsum_part) if x is not None}
+        mine = {_addr(x) for x in vars(dm).values() if hasattr(x, "_ary")}
         _emu_buffers[:] = [(a, buf) for a, buf in _emu_buffers if a not in mine]
     dm.__dict__.clear()
 
@@ -1351,36 +1916,107 @@ def _free(dm):
 # to the GPU only through it
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 class CUDA(common.Device):
     """The host model's training on the GPU: a thin wrapper over the functions above.
     The device holds the parameters, gradients, AdamW state and step count; the host
     model is read at construction and by state_from_host, and written only when asked
-    (params_to_host, state_to_host)."""
+    (params_to_host, state_to_host).
+
+    precision: "fp32" (strict), "tf32" (TF32 matmuls) or "bf16" (mixed precision, the
+    bf16 functions above). bf16 steps run as CUDA graphs: the forward (with or without
+    targets), the backward (per accumulate flag and loss scale) and the update (per
+    clip) are each captured on their second call and replayed after, so Python's
+    launch cost (tens of microseconds a kernel) is paid once; host work (token and
+    hyperparameter staging, the encoder buckets) stays outside the graphs."""
 
     name = "cuda"
 
-    def __init__(self, model, B, T, tf32=True, attention_blocks=None, dist=None, zero_stage=0):
+    def __init__(self, model, B, T, precision="tf32", attention_blocks=None, dist=None, zero_stage=0,
+                 graphs=True, recompute_gelu=True):
         """dist: one rank of a data-parallel run (distributed.setup), which has already
-        made this rank's GPU (LOCAL_RANK) the current one; zero_stage 1 shards m and v."""
+        made this rank's GPU (LOCAL_RANK) the current one; zero_stage 1 shards m and v.
+        graphs: capture bf16 steps in CUDA graphs (never under the simulator, nor data
+        parallel, whose collectives run outside the step's stream). recompute_gelu (bf16):
+        recompute the GELU output in the backward instead of keeping it per layer."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.model = model
-        self.tf32 = bool(tf32)
+        self.precision = precision
+        self.tf32 = precision == "tf32"
         self.dist = dist if dist is not None and dist.world > 1 else None
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
-        self.dm = to_device(model, B, T, tf32=tf32, attention_blocks=attention_blocks, shards=world, rank=rank,
-                            shard_optimizer=bool(self.dist) and zero_stage == 1)
+        shard_optimizer = bool(self.dist) and zero_stage == 1
+        if precision == "bf16":
+            self.dm = to_device_bf16(model, B, T, shards=world, rank=rank, shard_optimizer=shard_optimizer,
+                                     recompute_gelu=recompute_gelu)
+        else:
+            self.dm = to_device(model, B, T, tf32=self.tf32, attention_blocks=attention_blocks, shards=world,
+                                rank=rank, shard_optimizer=shard_optimizer)
+        self.graphs = {} if graphs and precision == "bf16" and not SIM and self.dist is None else None
+        self.ran_once = set()
+
+    def _device_step(self, key, work):
+        """Run work() (device launches only) on the bf16 stream: eagerly the first
+        time (kernels compile, plans are made), captured into a CUDA graph the second,
+        replayed from then on."""
+        dm = self.dm
+        _launch_stream[0] = None if SIM else dm.stream
+        try:
+            if self.graphs is None or key not in self.ran_once:
+                work()
+                self.ran_once.add(key)
+                return
+            graph = self.graphs.get(key)
+            if graph is None:
+                dm.cupy_stream.begin_capture()
+                try:
+                    work()
+                finally:
+                    graph = dm.cupy_stream.end_capture()
+                self.graphs[key] = graph
+            graph.launch(dm.cupy_stream)
+        finally:
+            _launch_stream[0] = None
 
     def forward(self, inputs, targets=None):
         dm = self.dm
-        gpt2_forward_cuda(dm, inputs, targets)
+        if self.precision == "bf16":
+            _stage_tokens(dm, inputs, targets)
+            dm.has_loss = dm.backward_ready = targets is not None
+            self._device_step(("forward", targets is not None), lambda: gpt2_forward_bf16(dm))
+        else:
+            gpt2_forward_cuda(dm, inputs, targets)
         if targets is not None:
             _stage_buckets(dm)  # built on the host while the device runs the forward
         return mean_loss_cuda(dm)  # waits for the forward
 
     def backward(self, accumulate=False, loss_scale=1.0):
-        gpt2_backward_cuda(self.dm, accumulate, loss_scale)
+        dm = self.dm
+        if self.precision == "bf16":
+            if not dm.backward_ready:
+                raise RuntimeError("backward needs a forward pass with targets first")
+            _stage_buckets(dm)
+            dm.backward_ready = False  # the logits become dlogits
+            key = ("backward", bool(accumulate), float(loss_scale))
+            self._device_step(key, lambda: gpt2_backward_bf16(dm, bool(accumulate), float(loss_scale)))
+        else:
+            gpt2_backward_cuda(dm, accumulate, loss_scale)
 
     def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
-        norm = gpt2_update_cuda(self.dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip, self.dist)
+        dm = self.dm
+        if self.precision == "bf16":
+            stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
+
+            def work():
+                update_on_device(dm, grad_clip, self.dist)
+                store(dm.params16_padded, dm.params_padded)  # the bf16 weights of the next step
+            self._device_step(("update", float(grad_clip)), work)
+            norm = dm.normbuf[0:1]
+        else:
+            norm = gpt2_update_cuda(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip, self.dist)
         return float(norm.copy_to_host()[0])  # waits for the update
 
     def params_to_host(self):
@@ -1414,10 +2050,13 @@ class CUDA(common.Device):
                 part = np.zeros(moments.size, dtype=np.float32)  # the padding past the end stays zero
                 part[:max(0, min(moments.size, host.size - lo))] = host[lo:lo + moments.size]
                 moments.copy_to_device(part)
+        if self.precision == "bf16":
+            store(dm.params16_padded, dm.params_padded)
         dm.step = int(model.step)
 
     def logits_to_host(self):
-        return self.dm.acts.logits.copy_to_host()
+        logits = self.dm.acts.logits.copy_to_host()
+        return common.bfloat16_to_float32(logits) if logits.dtype == np.uint16 else logits
 
     def grads_to_host(self):
         return self.dm.grads_memory.copy_to_host()
@@ -1427,7 +2066,7 @@ class CUDA(common.Device):
         return 2 * 4 * self.dm.m_memory.size
 
     def peak_flops(self):
-        return datasheet_peak_tflops(self.tf32) * 1e12
+        return datasheet_peak_tflops(self.precision) * 1e12
 
     def memory_used(self):
         return device_memory_used()
@@ -1435,5 +2074,6 @@ class CUDA(common.Device):
     def free(self):
         if self.dm is not None:
             synchronize()
+            self.graphs = None
             _free(self.dm)
             self.dm = None

@@ -471,7 +471,7 @@ class OursCUDA:
         cfg = common.GPT2Config(m["max_seq_len"], m["vocab_size"], padded_vocab(m["vocab_size"]),
                                 m["num_layers"], m["num_heads"], m["channels"])
         model = common.gpt2_init_random(cfg, spec["seed"])
-        self.device = tg.build_device("cuda", model, spec["B"], spec["T"], tf32=(spec["precision"] == "tf32"))
+        self.device = tg.build_device("cuda", model, spec["B"], spec["T"], spec["precision"])
         self.x, self.y = make_batch(spec)
         cuda.synchronize()
         self.devmem.end()

@@ -272,7 +272,7 @@ def cmd_kernels(args):
         cpu.ensure_activations(m_cpu, Bq, Tq)
         cpu.ensure_training_buffers(m_cpu)
         m_gpu = clone_host(m_cpu)
-        dev = tc.CUDA(m_gpu, Bq, Tq, tf32=False)
+        dev = tc.CUDA(m_gpu, Bq, Tq, precision="fp32")
         for step in range(2):
             m_cpu.grads_memory[:] = rand(m_cpu.num_parameters, scale=0.01)
             dev.dm.grads_memory.copy_to_device(m_cpu.grads_memory)  # no interface sets gradients
@@ -286,13 +286,13 @@ def cmd_kernels(args):
         dev.free()
 
     # full steps, through the two targets (train_gpt2.CPU, train_gpt2_cuda.CUDA)
-    full_step_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tf32=False, seed=11, tol_logits=tol,
+    full_step_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, precision="fp32", seed=11, tol_logits=tol,
                      tol_grads=args.grad_tol)
     train_loop_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tol=args.grad_tol)
     state_round_trip(tc, cfg, Bq, Tq)
 
     # API semantics (the target built as train_gpt2.py's main() builds it)
-    dev = cpu.build_device("cuda", common.gpt2_init_random(cfg, 5), Bq, Tq, tf32=False)
+    dev = cpu.build_device("cuda", common.gpt2_init_random(cfg, 5), Bq, Tq, precision="fp32")
     xx = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
     api = []
     if not isinstance(dev, tc.CUDA) or not isinstance(dev, common.Device):
@@ -342,14 +342,14 @@ def clone_host(model):
     return twin
 
 
-def full_step_parity(cpu, tc, cfg, B, T, steps, tf32, seed, tol_logits, tol_grads):
+def full_step_parity(cpu, tc, cfg, B, T, steps, precision, seed, tol_logits, tol_grads, label="", **options):
     """forward, backward (plus an accumulating micro-step with a loss scale at step 1),
     update: train_gpt2.CPU vs train_gpt2_cuda.CUDA from the same initial parameters;
     logits, loss, every gradient, norm and parameters at every step."""
     rng = np.random.default_rng(seed)
     V = cfg.vocab_size
     host = common.gpt2_init_random(cfg, seed)
-    gpu = tc.CUDA(clone_host(host), B, T, tf32=tf32)
+    gpu = tc.CUDA(clone_host(host), B, T, precision=precision, **options)
     ref = cpu.CPU(host, B, T)
     x = rng.integers(0, V, size=(B, T)).astype(np.int32)
     y = rng.integers(0, V, size=(B, T)).astype(np.int32)
@@ -361,8 +361,8 @@ def full_step_parity(cpu, tc, cfg, B, T, steps, tf32, seed, tol_logits, tol_grad
     for step in range(steps):
         loss_ref = ref.forward(x, y)
         loss = gpu.forward(x, y)
-        report(f"s{step} logits", gpu.logits_to_host(), ref.logits_to_host(), tol_logits)
-        report(f"s{step} loss", loss, loss_ref, tol_logits)
+        report(f"{label}s{step} logits", gpu.logits_to_host(), ref.logits_to_host(), tol_logits)
+        report(f"{label}s{step} loss", loss, loss_ref, tol_logits)
         ref.backward()
         gpu.backward()
         acc = step == 1
@@ -373,12 +373,12 @@ def full_step_parity(cpu, tc, cfg, B, T, steps, tf32, seed, tol_logits, tol_grad
             gpu.backward(accumulate=True, loss_scale=0.5)
         g, g_ref = gpu.grads_to_host(), ref.grads_to_host()
         for name, s0, s1 in offsets:
-            report(f"s{step} grad {name}{' (acc)' if acc else ''}", g[s0:s1], g_ref[s0:s1], tol_grads)
+            report(f"{label}s{step} grad {name}{' (acc)' if acc else ''}", g[s0:s1], g_ref[s0:s1], tol_grads)
         norm_ref = ref.update(**recipe)
         norm = gpu.update(**recipe)
-        report(f"s{step} grad norm", norm, norm_ref, tol_grads)
+        report(f"{label}s{step} grad norm", norm, norm_ref, tol_grads)
         gpu.params_to_host()
-        report(f"s{step} params", gpu.model.params_memory, host.params_memory, tol_grads)
+        report(f"{label}s{step} params", gpu.model.params_memory, host.params_memory, tol_grads)
     gpu.free()
 
 
@@ -398,7 +398,7 @@ def train_loop(device, batches, accum_steps, recipe):
     return losses, norms
 
 
-def train_loop_parity(cpu, tc, cfg, B, T, steps, tol):
+def train_loop_parity(cpu, tc, cfg, B, T, steps, tol, precision="fp32"):
     """A few training steps as main() runs them (2 micro-steps each, a new batch each,
     gradient clipping), through CUDA and through train_gpt2.CPU from the same host
     parameters: losses, norms, and the final parameters, AdamW state and step count
@@ -412,7 +412,7 @@ def train_loop_parity(cpu, tc, cfg, B, T, steps, tol):
     recipe = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
                   grad_clip=0.5)
     host = common.gpt2_init_random(cfg, 17)
-    gpu = tc.CUDA(clone_host(host), B, T, tf32=False)
+    gpu = tc.CUDA(clone_host(host), B, T, precision=precision)
     losses, norms = train_loop(gpu, batches, accum, recipe)
     gpu.state_to_host()
     ref = cpu.CPU(host, B, T)
@@ -428,14 +428,14 @@ def train_loop_parity(cpu, tc, cfg, B, T, steps, tol):
     gpu.free()
 
 
-def state_round_trip(tc, cfg, B, T):
+def state_round_trip(tc, cfg, B, T, precision="fp32"):
     """state_from_host then state_to_host gives back the same bits (params, m, v, step);
     without host optimizer buffers, state_from_host starts a fresh AdamW state; and a
     target resumed from a saved state (main()'s --resume: build, then state_from_host)
     continues exactly like the one that kept going."""
     rng = np.random.default_rng(5)
     host = common.gpt2_init_random(cfg, 9)
-    dev = tc.CUDA(host, B, T, tf32=False)
+    dev = tc.CUDA(host, B, T, precision=precision)
     n = host.num_parameters
     common.ensure_optimizer_buffers(host)  # a host state unlike the one the device was built from
     host.params_memory[:] = rng.standard_normal(n).astype(np.float32)
@@ -465,13 +465,13 @@ def state_round_trip(tc, cfg, B, T):
     recipe = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
                   grad_clip=1.0)
     batches = [tuple(rng.integers(0, cfg.vocab_size, size=(2, B, T)).astype(np.int32)) for _ in range(2)]
-    a = tc.CUDA(common.gpt2_init_random(cfg, 12), B, T, tf32=False)
+    a = tc.CUDA(common.gpt2_init_random(cfg, 12), B, T, precision=precision)
     train_loop(a, batches[:1], 1, recipe)
     a.state_to_host()
     saved = clone_host(a.model)  # what a checkpoint keeps: params, m, v, step
     common.ensure_optimizer_buffers(saved)
     saved.m_memory[:], saved.v_memory[:], saved.step = a.model.m_memory, a.model.v_memory, a.model.step
-    b = tc.CUDA(saved, B, T, tf32=False)
+    b = tc.CUDA(saved, B, T, precision=precision)
     b.state_from_host()
     la, na = train_loop(a, batches[1:], 1, recipe)
     lb, nb = train_loop(b, batches[1:], 1, recipe)
@@ -485,6 +485,187 @@ def state_round_trip(tc, cfg, B, T):
     report("resumed step count", b.model.step, 2, 0.0, absolute=True)
     a.free()
     b.free()
+
+
+# -----------------------------------------------------------------------------
+# bf16
+
+
+def cmd_bf16(args):
+    """The bf16 path against the float32 CPU target, with bf16-sized tolerances: the
+    storage conversions (every bf16 bit pattern widened, random and special values
+    rounded), the cuBLASLt contract (each epilogue, transposes, float32 outputs,
+    accumulation) against float64 numpy on the same bf16 operands, the fused attention
+    against train_gpt2's attention forward/backward, full steps and a training loop
+    through the Device interface, the state round trip and an exact resume, and GELU
+    recompute on and off giving the same training to bf16 rounding."""
+    global cuda  # a module global: the simulator swaps a kernel's global `cuda` for its own
+    import train_gpt2 as cpu
+    import train_gpt2_cuda as tc
+    from numba import cuda
+
+    print(f"simulator={tc.SIM}", flush=True)
+    rng = np.random.default_rng(4321)
+    f32 = np.float32
+    tol = args.tol
+
+    @cuda.jit
+    def k_convert(out32, in16, out16, in32):
+        i = cuda.grid(1)
+        if i < in16.shape[0]:
+            tc.st(out32, i, tc.ld(in16, i))
+        if i < in32.shape[0]:
+            tc.st(out16, i, tc.ld(in32, i))
+
+    # every pattern on the GPU; a strided sample under the simulator (a Python thread per
+    # element there), whose conversions are gpt2_common's, tested exhaustively in tests/
+    bits = np.arange(0, 65536, 61 if tc.SIM else 1, dtype=np.uint16)
+    n_rand = 512 if tc.SIM else 1 << 20
+    vals = (rng.standard_normal(n_rand) * 10.0 ** rng.integers(-30, 30, n_rand)).astype(f32)
+    vals = np.concatenate([vals, np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.0e38, -3.4e38, 1e-40, -1e-45], f32)])
+    vals[:64] = common.bfloat16_to_float32(rng.integers(0, 65536, 64).astype(np.uint16)) * f32(1.0 + 2.0 ** -8)  # ties
+    d32, d16 = cuda.device_array(bits.size, f32), cuda.device_array(vals.size, np.uint16)
+    threads = 64 if tc.SIM else 256
+    k_convert[(max(bits.size, vals.size) + threads - 1) // threads, threads](d32, cuda.to_device(bits), d16,
+                                                                             cuda.to_device(vals))
+    wide, ref = d32.copy_to_host(), common.bfloat16_to_float32(bits)
+    bad = ~((wide.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(wide) & np.isnan(ref)))
+    report(f"bf16 widen, {bits.size} patterns", float(bad.sum()), 0.0, 0.0, absolute=True)
+    narrow, refn = d16.copy_to_host(), common.float32_to_bfloat16(vals)
+    report(f"bf16 round to nearest even, {vals.size} values", float((narrow != refn).sum()), 0.0, 0.0, absolute=True)
+
+    # cuBLASLt: row-major C[M, N] = op(A) @ op(B) (+ bias, GELU, ...) against float64 numpy
+    def bf(x):
+        return common.float32_to_bfloat16(np.ascontiguousarray(x, f32))
+
+    def wide64(x):
+        return common.bfloat16_to_float32(x).astype(np.float64)
+
+    def gelu64(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    def dgelu64(x):
+        th = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x)
+
+    lt = tc.Lt(0)
+
+    def dev(x):
+        d = tc._alloc(x.size, x.dtype)
+        d.copy_to_device(x.reshape(-1))
+        return d
+
+    for tA in (False, True):
+        for tB in (False, True):
+            for case in ("plain", "bias", "gelu", "dgelu", "fp32 acc", "fp32 add"):
+                # ragged shapes, except for the bias + GELU epilogue, which the trainer uses only on
+                # multiples of 64 (train_gpt2_cuda.to_device_bf16: on an H200 it was wrong at 24 x 40 x 56)
+                M, N, K = (64, 128, 64) if case == "gelu" else (24, 40, 56)
+                a = bf(rng.standard_normal((K, M) if tA else (M, K)))
+                b = bf(rng.standard_normal((N, K) if tB else (K, N)) * 0.2)
+                opa = wide64(a).T if tA else wide64(a)
+                opb = wide64(b).T if tB else wide64(b)
+                ref = opa @ opb
+                out32 = case.startswith("fp32")
+                c0 = rng.standard_normal((M, N)).astype(f32)
+                c = dev(c0 if out32 else bf(c0))
+                kw = {}
+                bias = bf(rng.standard_normal(N))
+                if case in ("bias", "gelu"):
+                    kw["bias"] = tc._addr(dev(bias))
+                    ref = ref + wide64(bias)
+                if case == "gelu":
+                    aux = dev(np.zeros(M * N, np.uint16))
+                    kw["gelu_aux"] = tc._addr(aux)
+                    pre = ref
+                    ref = gelu64(ref)
+                if case == "dgelu":
+                    pre16 = bf(rng.standard_normal((M, N)))
+                    kw["dgelu_aux"] = tc._addr(dev(pre16))
+                    ref = ref * dgelu64(wide64(pre16))
+                if case == "fp32 acc":
+                    kw["accumulate"] = True
+                    ref = ref + c0
+                if case == "fp32 add":
+                    other = rng.standard_normal((M, N)).astype(f32)
+                    kw["add"] = tc._addr(dev(other))
+                    ref = ref + other
+                lt.matmul(tA, tB, M, N, K, tc._addr(dev(a)), M if tA else K, tc._addr(dev(b)), K if tB else N,
+                          tc._addr(c), N, out_fp32=out32, **kw)
+                tc.synchronize()
+                got = c.copy_to_host().reshape(M, N)
+                got = got.astype(np.float64) if out32 else wide64(got)
+                err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+                report(f"cublasLt tA={int(tA)} tB={int(tB)} {case}", err, 0.0, 1e-2 if not out32 else 1e-4,
+                       absolute=True)
+                if case == "gelu":
+                    got_pre = wide64(aux.copy_to_host().reshape(M, N))
+                    report(f"cublasLt tA={int(tA)} tB={int(tB)} gelu aux", np.linalg.norm(got_pre - pre) /
+                           np.linalg.norm(pre), 0.0, 1e-2, absolute=True)
+
+    # fused attention vs train_gpt2's attention, on bf16-rounded inputs
+    Bq, Tq, NH, HS = 2, 8, 2, 16
+    Cq = NH * HS
+    att = tc.Attention(Bq, NH, Tq, HS, 0)
+    qkv16 = bf(rng.standard_normal((Bq * Tq, 3 * Cq)))
+    d_qkv, d_out = dev(qkv16), dev(np.zeros(Bq * Tq * Cq, np.uint16))
+    d_stats = dev(np.zeros(Bq * NH * Tq, f32))
+    att.forward(tc._addr(d_qkv), tc._addr(d_out), tc._addr(d_stats))
+    qkv = common.bfloat16_to_float32(qkv16)
+    ref_att, ref_out = np.zeros((Bq, NH, Tq, Tq), f32), np.zeros((Bq * Tq, Cq), f32)
+    cpu.attention_forward(ref_out, ref_att, qkv, Bq, Tq, NH)
+    tc.synchronize()
+    report("attention forward (bf16)", common.bfloat16_to_float32(d_out.copy_to_host()).reshape(Bq * Tq, Cq),
+           ref_out, 2e-2)
+    dout16 = bf(rng.standard_normal((Bq * Tq, Cq)))
+    d_dqkv = dev(np.zeros(Bq * Tq * 3 * Cq, np.uint16))
+    att.backward(tc._addr(d_qkv), tc._addr(d_out), tc._addr(dev(dout16)), tc._addr(d_stats), tc._addr(d_dqkv))
+    ref_dqkv = np.zeros_like(qkv)
+    cpu.attention_backward(ref_dqkv, common.bfloat16_to_float32(dout16), qkv, ref_att, Bq, Tq, NH)
+    tc.synchronize()
+    got = common.bfloat16_to_float32(d_dqkv.copy_to_host()).reshape(Bq * Tq, 3 * Cq)
+    for i, name in enumerate("qkv"):
+        report(f"attention backward d{name} (bf16)", got[:, i * Cq:(i + 1) * Cq], ref_dqkv[:, i * Cq:(i + 1) * Cq],
+               3e-2)
+
+    # whole steps through the Device interface, against the float32 CPU target
+    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2,
+                            channels=32)
+    Bq, Tq = 2, 8
+    full_step_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, precision="bf16", seed=11, tol_logits=tol,
+                     tol_grads=tol)
+    train_loop_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tol=tol, precision="bf16")
+    state_round_trip(tc, cfg, Bq, Tq, precision="bf16")
+
+    # the tiny config's shapes take the unfused bias + GELU (a GPT-2-like one the fused epilogue)
+    d = tc.CUDA(common.gpt2_init_random(cfg, 3), Bq, Tq, precision="bf16")
+    wide = common.GPT2Config(max_seq_len=64, vocab_size=60, padded_vocab_size=128, num_layers=1, num_heads=2,
+                             channels=64)
+    d2 = tc.CUDA(common.gpt2_init_random(wide, 3), 2, 32, precision="bf16")
+    report("bias+GELU epilogue only on multiples of 64", float(d.dm.fused_gelu) + float(not d2.dm.fused_gelu), 0.0,
+           0.0, absolute=True)
+    d.free()
+    d2.free()
+    full_step_parity(cpu, tc, wide, 2, 32, steps=1, precision="bf16", seed=13, tol_logits=tol, tol_grads=tol,
+                     label="fused gelu ")
+
+    # GELU recompute on and off: the same training to bf16 rounding (the recompute starts
+    # from the stored bf16 pre-activation, the forward from the float32 one)
+    x = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
+    y = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
+    results = []
+    for recompute in (True, False):
+        d = tc.CUDA(common.gpt2_init_random(cfg, 3), Bq, Tq, precision="bf16", recompute_gelu=recompute)
+        losses = []
+        for _ in range(2):
+            losses.append(d.forward(x, y))
+            d.backward()
+            d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+        results.append((losses, d.grads_to_host()))
+        d.free()
+    report("gelu recompute on/off losses", results[0][0], results[1][0], 1e-4)
+    report("gelu recompute on/off grads", results[0][1], results[1][1], 2e-2)
+    finish()
 
 
 # -----------------------------------------------------------------------------
@@ -533,7 +714,7 @@ def cmd_parity(args):
     for tf32 in [int(v) for v in str(args.tf32).split(",")]:
         tag = f"{name} B={B} T={T} {'tf32' if tf32 else 'fp32'}"
         lt, gt = (args.logit_tol_tf32, args.grad_tol_tf32) if tf32 else (args.logit_tol, args.grad_tol)
-        dev = tc.CUDA(common.gpt2_init_random(cfg, args.seed), B, T, tf32=bool(tf32))
+        dev = tc.CUDA(common.gpt2_init_random(cfg, args.seed), B, T, precision="tf32" if tf32 else "fp32")
         logits, loss, g, losses = run_recipe(dev, x, y, args.steps, recipe, V)
         dev.free()
         errs = {"logits": float(np.max(np.abs(logits - ref_logits))), "loss": abs(loss - ref_loss)}
@@ -577,11 +758,11 @@ def cmd_bench(args):
 
     cfg = common.config_from_depth(f"d{args.depth}")
     B, T = args.B, args.T
-    tf32 = bool(args.tf32)
-    prec = "tf32" if tf32 else "fp32"
+    prec = args.precision
     model = common.gpt2_init_random(cfg, 0)
     nxt, data_name = load_batches(args.tokens, B, T, cfg.vocab_size)
-    result = {"system": "ours (numba.cuda + cuBLAS)", "precision": prec, "B": B, "T": T, "data": data_name}
+    result = {"system": "ours (numba.cuda + " + ("cuBLASLt + cuDNN)" if prec == "bf16" else "cuBLAS)"), "precision": prec,
+              "recompute": args.recompute, "B": B, "T": T, "data": data_name}
     opt = (args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
 
     def run(device, steps, label, log=True):
@@ -602,9 +783,11 @@ def cmd_bench(args):
         return times, losses
 
     t0 = time.time()
-    device = tc.CUDA(model, B, T, tf32=tf32, attention_blocks=args.attention_blocks or None)
-    print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, attention blocks "
-          f"{len(device.dm.attn_blocks)}", flush=True)
+    device = tc.CUDA(model, B, T, precision=prec, attention_blocks=args.attention_blocks or None,
+                     graphs=not args.no_graphs, recompute_gelu=bool(args.recompute))
+    blocks = f"attention blocks {len(device.dm.attn_blocks)}" if prec != "bf16" else \
+        f"cuDNN attention, CUDA graphs {'off' if args.no_graphs else 'on'}, GELU recompute {args.recompute}"
+    print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, {blocks}", flush=True)
     t0 = time.time()
     times, losses = run(device, args.steps, prec)
     warm = args.warmup
@@ -648,7 +831,7 @@ def cmd_bench(args):
             cuda.current_context().deallocations.clear()
         except Exception as e:  # pragma: no cover
             print("  (deallocations.clear failed:", e, ")")
-        device = tc.CUDA(model, B, T, tf32=tf32, attention_blocks=nb)
+        device = tc.CUDA(model, B, T, precision=prec, attention_blocks=nb)
         tv, _ = run(device, args.variant_steps, f"{prec} {spec}", log=False)
         mv = float(np.median(tv[2:]))
         variants[spec] = B * T / mv
@@ -687,6 +870,64 @@ def profile_step(tc, device, nxt, opt, args, prec):
     print(f"  profile {prec}: {total / 1e3:.1f} ms of device time in one step", flush=True)
     for name, (c, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:args.profile_rows]:
         print(f"    {t / 1e3:8.2f} ms {100 * t / total:5.1f}% {c:5d}x  {name}", flush=True)
+
+
+def cmd_bf16_parity(args):
+    """bf16 against the fp32 PyTorch reference (checkpoint + debug state of
+    dev/torch_reference.py): the relative error ||x - ref|| / ||ref|| of the logits, the
+    loss and every gradient tensor, ours (--precision bf16) beside PyTorch's own bf16
+    autocast on the same model and batch. Ours fails a tensor when its error exceeds
+    args.factor times autocast's (plus args.floor)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "dev"))
+    import test_gpt2
+    import torch_reference as tr
+    import train_gpt2_cuda as tc
+
+    model = common.read_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    x, y, ref_logits, ref_loss, ref_grads = test_gpt2.read_debug_state(args.state, cfg)
+    V = cfg.vocab_size
+    offsets = common.parameter_offsets(cfg)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    tm = tr.load_llmc_checkpoint(args.checkpoint).cuda()
+    xt, yt = torch.from_numpy(x.astype(np.int64)).cuda(), torch.from_numpy(y.astype(np.int64)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, loss = tm(xt, yt)
+    loss.backward()
+    grads = dict(tr.llmc_tensors(tm, grads=True))
+    auto = {"logits": rel(logits.detach().float().cpu().numpy().reshape(-1, cfg.padded_vocab_size)[:, :V],
+                          ref_logits),
+            "loss": rel(float(loss.detach()), ref_loss)}
+    for name, s, e in offsets:
+        auto[f"grad {name}"] = rel(grads[name].float().cpu().numpy().reshape(-1), ref_grads[s:e])
+    del tm
+    torch.cuda.empty_cache()
+
+    dev = tc.CUDA(model, x.shape[0], x.shape[1], precision="bf16")
+    our_loss = dev.forward(x, y)
+    ours = {"logits": rel(dev.logits_to_host()[:, :V], ref_logits), "loss": rel(our_loss, ref_loss)}
+    dev.backward()
+    g = dev.grads_to_host()
+    for name, s, e in offsets:
+        ours[f"grad {name}"] = rel(g[s:e], ref_grads[s:e])
+    dev.free()
+    print(f"bf16 parity, relative error vs the fp32 reference ({args.state}):")
+    print(f"  {'tensor':<16}{'ours':>11}{'autocast':>11}  verdict (ours <= {args.factor:g} x autocast + {args.floor:g})")
+    for k in ours:
+        ok = ours[k] <= args.factor * auto[k] + args.floor
+        print(f"CHECK bf16 parity {k:<16} ours {ours[k]:.3e} autocast {auto[k]:.3e} {'OK' if ok else 'FAIL'}",
+              flush=True)
+        if not ok:
+            FAILS.append(f"bf16 parity {k}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ours": ours, "autocast": auto}, f, indent=1)
+    finish()
 
 
 def cmd_bench_torch(args):
@@ -828,7 +1069,9 @@ def main():
         b.add_argument("--depth", type=int, default=12)
         b.add_argument("--B", type=int, default=16)
         b.add_argument("--T", type=int, default=1024)
-        b.add_argument("--tf32", type=int, default=1)
+        b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32")
+        b.add_argument("--no-graphs", action="store_true", help="bench, bf16: launch every kernel from Python")
+        b.add_argument("--recompute", type=int, default=1, help="bench, bf16: recompute the GELU in the backward")
         b.add_argument("--steps", type=int, default=12)
         b.add_argument("--warmup", type=int, default=3)
         b.add_argument("--lr", type=float, default=6e-4)
@@ -839,12 +1082,22 @@ def main():
         b.add_argument("--json", default="")
         b.add_argument("--profile", action="store_true")
         b.add_argument("--profile-rows", type=int, default=24)
+    k = sub.add_parser("bf16")
+    k.add_argument("--tol", type=float, default=5e-2, help="largest error / largest reference value, vs fp32 CPU")
+    k.add_argument("--steps", type=int, default=3)
+    q = sub.add_parser("bf16-parity")
+    q.add_argument("--checkpoint", default="data/gpt2_124M.bin")
+    q.add_argument("--state", default="data/gpt2_124M_debug_state.bin")
+    q.add_argument("--factor", type=float, default=1.1)
+    q.add_argument("--floor", type=float, default=0.0)
+    q.add_argument("--json", default="")
     t = sub.add_parser("table")
     t.add_argument("dir")
     t = sub.add_parser("dp-table")
     t.add_argument("dir")
     args = ap.parse_args()
-    {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch,
+    {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch, "bf16": cmd_bf16,
+     "bf16-parity": cmd_bf16_parity,
      "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
 
 

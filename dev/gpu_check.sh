@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
-# From the repository root:   bash dev/gpu_check.sh [all|check|parity|train|bench|dp]
+# From the repository root:   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|anchors|dp]
 #   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
 #          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
 #          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
@@ -57,6 +57,10 @@ if [ "$what" = all ] || [ "$what" = parity ]; then
     step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
     step python3 test_gpt2.py --device cuda
 fi
+if [ "$what" = all ] || [ "$what" = parity ] || [ "$what" = bf16 ]; then
+    [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
+    step python3 dev/cuda_check.py bf16-parity --json "$OUT/parity_bf16.json"
+fi
 if [ "$what" = all ] || [ "$what" = train ]; then
     step python3 train_gpt2.py --device cuda -i "$TRAIN" -j "$VAL" --tokenizer .device_data/gpt2_tokenizer.bin \
         -b 16 -t 1024 -x 30 -v 10 -m 4 -s 15 -g 48 -l 6e-4 -u 10 --lr-schedule cosine -q 0.1
@@ -64,11 +68,85 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     # VARIANTS_*: comma lists of other causal query-block counts (e.g. "2,4"), timed after
     # the main run; PROFILE=1: per-kernel device times
-    step python3 dev/cuda_check.py bench --tf32 0 --steps 10 --tokens "$TRAIN" --variants "${VARIANTS_FP32:-}" \
+    step python3 dev/cuda_check.py bench --precision fp32 --steps 10 --tokens "$TRAIN" --variants "${VARIANTS_FP32:-}" \
         ${PROFILE:+--profile} --json "$OUT/bench_ours_fp32.json"
-    step python3 dev/cuda_check.py bench --tf32 1 --steps 20 --tokens "$TRAIN" --variants "${VARIANTS_TF32:-}" \
+    step python3 dev/cuda_check.py bench --precision tf32 --steps 20 --tokens "$TRAIN" --variants "${VARIANTS_TF32:-}" \
         ${PROFILE:+--profile} --json "$OUT/bench_ours_tf32.json"
+fi
+if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = bf16 ]; then
+    step python3 dev/cuda_check.py bench --precision bf16 --steps 30 --warmup 5 --tokens "$TRAIN" \
+        ${PROFILE:+--profile} --json "$OUT/bench_ours_bf16.json"
+    step python3 dev/cuda_check.py bench --precision bf16 --B 4 --T 64 --steps 60 --warmup 10 --tokens "$TRAIN" \
+        --json "$OUT/bench_ours_bf16_small.json"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
     step python3 dev/cuda_check.py bench-torch --steps 10 --tokens "$TRAIN" --json "$OUT/bench_torch.json"
+fi
+if [ "$what" = all ] || [ "$what" = curve ]; then
+    # bf16 against strict fp32: GPT-2 124M from scratch on tinyshakespeare, 200 steps, the same seed and data;
+    # the val loss (all val batches) after step 200 must be within 1%
+    for prec in fp32 bf16; do
+        step python3 train_gpt2.py --device cuda --precision $prec -i "$TRAIN" -j "$VAL" -b 8 -t 1024 -x 200 -v 200 \
+            -m 0 -s 0 -l 6e-4 -u 20 --lr-schedule cosine -q 0.1 --seed 1337 -o "$OUT/curve_$prec"
+    done
+    python3 - "$OUT" <<'PY' || status=1
+import json, sys
+val = {}
+for prec in ("fp32", "bf16"):
+    recs = [json.loads(l) for l in open(f"{sys.argv[1]}/curve_{prec}/log.jsonl")]
+    val[prec] = [r for r in recs if r.get("type") == "val"][-1]
+d = abs(val["bf16"]["loss"] / val["fp32"]["loss"] - 1)
+print(f"loss curve: val loss after step {val['fp32']['step']}: fp32 {val['fp32']['loss']:.4f}, bf16 "
+      f"{val['bf16']['loss']:.4f} ({100 * d:.2f}% apart) {'OK' if d <= 0.01 else 'FAIL'}")
+sys.exit(0 if d <= 0.01 else 1)
+PY
+fi
+if [ "$what" = all ] || [ "$what" = determinism ] || [ "$what" = anchors ]; then
+    # the same seed twice: every step's loss and norm must repeat exactly (bf16, CUDA graphs, cuDNN attention)
+    for run in 1 2; do
+        step python3 train_gpt2.py --device cuda --precision bf16 -i "$TRAIN" -j "" -b 16 -t 1024 -x 10 -v 0 -s 0 \
+            -l 6e-4 -u 5 --seed 1337 -o "$OUT/determinism_$run"
+    done
+    python3 - "$OUT" <<'PY' || status=1
+import json, sys
+runs = [[(r["loss"], r["norm"]) for r in map(json.loads, open(f"{sys.argv[1]}/determinism_{i}/log.jsonl"))
+         if r.get("type") == "train"] for i in (1, 2)]
+same = runs[0] == runs[1] and len(runs[0]) == 10
+print(f"determinism: 10 bf16 steps, losses and norms of two runs {'identical' if same else 'DIFFER'}: {runs[0][-1]} "
+      f"{runs[1][-1]} {'OK' if same else 'FAIL'}")
+sys.exit(0 if same else 1)
+PY
+    rm -f "$OUT"/determinism_*/*.bin
+fi
+if [ "$what" = anchors ]; then
+    # ours, then the peers (../shared/anchors copied into .anchors/), in one call: GPT-2 124M from scratch at
+    # B=16, T=1024; ours and llm.c bf16 also at B=4, T=64 (llm.c through a patched copy of the script, in /tmp)
+    for r in 1 0; do
+        step python3 dev/cuda_check.py bench --precision bf16 --recompute $r --steps 30 --warmup 5 --tokens "$TRAIN" \
+            --json "$OUT/bench_ours_bf16_r$r.json"
+    done
+    step python3 dev/cuda_check.py bench --precision bf16 --B 4 --T 64 --steps 60 --warmup 10 --tokens "$TRAIN" \
+        --json "$OUT/bench_ours_bf16_small.json"
+    step python3 dev/cuda_check.py bench --precision tf32 --steps 20 --tokens "$TRAIN" --json "$OUT/bench_ours_tf32.json"
+    [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
+    step python3 dev/cuda_check.py bf16-parity --json "$OUT/parity_bf16.json"
+    python3 - <<'PY'   # the measuring script, patched in /tmp: llm.c's device memory, and llm.c bf16 at B=4, T=64
+s = open(".anchors/gpu_anchors.sh").read()
+run = '2>&1 | median_ms)'
+assert run in s
+s = s.replace(run, '2>&1 | tee $b.log | median_ms); grep -m1 "device memory usage" $b.log | sed "s/^/anchor $b: /"', 1)
+end = '  cd - >/dev/null; rm -rf "$work"'
+assert end in s
+small = ('  [ -x llmc_bf16 ] && echo "anchor llmc_bf16 B=4 T=64: median $(timeout 120 ./llmc_bf16 -i "$TRAIN" -j "$VAL" '
+         '-e d12 -b 4 -t 64 -x 60 -v 1000 -s 1000 2>&1 | median_ms) ms/step"\n')
+s = s.replace(end, small + end, 1)
+open("/tmp/gpu_anchors.sh", "w").write(s)
+PY
+    cp -r .anchors/llmc .anchors/cudnn-frontend .anchors/torch_anchor.py /tmp/
+    step timeout "${ANCHORS_TIMEOUT:-440}" bash /tmp/gpu_anchors.sh "$TRAIN" "$VAL"
+    grep -h "^anchor\|^RESULT\|^determinism\|^CHECK bf16" "$OUT/log.txt"
+    echo "gpu_check: $([ $status -eq 0 ] && echo ALL OK || echo SOME STEPS FAILED)"
+    exit $status
 fi
 if [ "$what" = dp ]; then
     export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}   # no NVLink multicast on shared hosts

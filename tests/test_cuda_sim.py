@@ -14,7 +14,12 @@ interface, full forward/backward/update steps of train_gpt2_cuda.CUDA against
 train_gpt2.CPU (with an accumulating micro-step and a loss scale), main()'s training loop
 with gradient accumulation on both targets (losses, norms, final parameters and AdamW
 state), the state_to_host / state_from_host round trip and an exact resume, and the API's
-errors. The same script checks a real GPU (dev/gpu_check.sh).
+errors. Then the bf16 path (`cuda_check.py bf16`) against the float32 CPU target with
+bf16-sized tolerances: the bf16 load/store conversions inside kernels, the cuBLASLt
+contract (every epilogue, transposes, float32 outputs, accumulation; numpy emulation here)
+against float64 numpy, the fused attention (emulated here) against train_gpt2's, full steps
+with an accumulating micro-step, a training loop, the state round trip, an exact resume,
+and GELU recompute on/off. The same script checks a real GPU (dev/gpu_check.sh).
 """
 
 import os
@@ -66,3 +71,15 @@ def test_kernels_and_steps_match_cpu():
                  "resumed params", "API semantics"):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
 
+
+
+def test_bf16_matches_fp32_cpu_within_bf16_rounding():
+    out = run_sim("bf16", "--steps", "2", timeout=1200)
+    checks = [line for line in out.splitlines() if line.startswith("CHECK")]
+    assert len(checks) >= 100, f"only {len(checks)} checks ran"
+    for name in ("bf16 widen", "bf16 round to nearest even", "cublasLt tA=1 tB=0 gelu aux", "cublasLt tA=0 tB=1 dgelu",
+                 "cublasLt tA=1 tB=1 fp32 add", "cublasLt tA=0 tB=0 fp32 acc", "attention backward dk (bf16)",
+                 "s1 grad qkvw (acc)", "s1 params", "train loop final m", "state round trip params,m,v",
+                 "resumed params", "gelu recompute on/off grads", "bias+GELU epilogue only on multiples of 64",
+                 "fused gelu s0 grad fcw", "fused gelu s0 logits"):
+        assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"

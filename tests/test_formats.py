@@ -52,6 +52,38 @@ def test_checkpoint_round_trip(tiny_model, tmp_path):
     assert not list(tmp_path.glob("*.tmp*")), "no temp file left behind"
 
 
+def test_bf16_training_checkpoint_is_llmc_v5_and_resumes_exactly(tiny_model, tmp_path):
+    """A bf16 run's checkpoint: the weights file is llm.c's version 5 (bf16, what llm.c's
+    bf16 trainer writes and reads), the state file (version 2) carries the float32 master
+    weights, and loading the pair gives back the exact float32 weights, m, v and step."""
+    rng = np.random.default_rng(8)
+    n = tiny_model.num_parameters
+    tiny_model.params_memory[:] = rng.standard_normal(n)
+    common.ensure_optimizer_buffers(tiny_model)
+    tiny_model.m_memory[:], tiny_model.v_memory[:] = rng.standard_normal(n), rng.random(n)
+    tiny_model.step = 5
+    out = tmp_path / "o"
+    out.mkdir()
+    path = common.save_training_checkpoint(tiny_model, str(out), 5, {"note": "x"}, keep_last=2, bfloat16=True)
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert list(header[:2]) == [CHECKPOINT_MAGIC, 5] and len(raw) == HEADER_BYTES + 2 * n
+    assert np.array_equal(np.frombuffer(raw[HEADER_BYTES:], dtype="<u2"),
+                          common.float32_to_bfloat16(tiny_model.params_memory))
+    state = (out / "state_00000005.bin").read_bytes()
+    assert list(np.frombuffer(state[:20], dtype="<i4")) == [common.STATE_FILE_MAGIC, 2, n, len(state) - HEADER_BYTES -
+                                                            12 * n, 1]
+    loaded, extra = common.load_training_checkpoint(str(out))
+    assert extra["note"] == "x" and loaded.step == 5
+    for got, want in ((loaded.params_memory, tiny_model.params_memory), (loaded.m_memory, tiny_model.m_memory),
+                      (loaded.v_memory, tiny_model.v_memory)):
+        assert got.tobytes() == want.tobytes()
+    # the weights file alone is a bf16 model (what -e takes): the master weights rounded
+    alone = common.read_checkpoint(path)
+    assert np.array_equal(alone.params_memory, common.bfloat16_to_float32(common.float32_to_bfloat16(
+        tiny_model.params_memory)))
+
+
 def test_torch_reference_checkpoint_loads(reference):
     import torch_reference
     model = common.read_checkpoint(str(reference["checkpoint"]))

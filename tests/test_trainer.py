@@ -1069,6 +1069,8 @@ def assert_one_line_error(proc, fragment, allow_warnings=False):
     ("total batch not a multiple", "is not a multiple of B*T", 2),
     ("token ids outside the vocab", "outside the vocabulary", 1),
     ("corrupt token file", "truncated or corrupt", 1),
+    ("bf16 on the cpu", "--precision bf16 needs --device cuda", 2),
+    ("bad precision", "invalid choice: 'fp16'", 2),
 ])
 def test_bad_flags_give_a_one_line_error(files, tmp_path, case, fragment, code):
     from prepro_tinyshakespeare import write_token_file
@@ -1091,6 +1093,8 @@ def test_bad_flags_give_a_one_line_error(files, tmp_path, case, fragment, code):
         "total batch not a multiple": {"-d": 50},
         "token ids outside the vocab": {"-i": big},
         "corrupt token file": {"-j": short},
+        "bf16 on the cpu": {"--precision": "bf16"},
+        "bad precision": {"--precision": "fp16"},
     }[case]
     proc = run_train(base_args(files, **{"-x": 2, **args}), tmp_path)
     assert proc.returncode == code, proc.stdout + proc.stderr
