@@ -977,10 +977,10 @@ def parse_args(argv):
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
-    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
-                   help="cpu: fp32 only. cuda: bf16 mixed precision (the default: bf16 weights, activations and "
-                        "matmuls, float32 master weights, gradients and AdamW state), tf32 (TF32 matmuls, "
-                        "float32 storage; what --tf32 1 was) or fp32 (strict; --tf32 0)")
+    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="auto",
+                   help="cpu: fp32 only. cuda: bf16 mixed precision (bf16 weights, activations and matmuls, float32 "
+                        "master weights, gradients and AdamW state), tf32 (TF32 matmuls, float32 storage; what "
+                        "--tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on cuda, fp32 on cpu")
     g.add_argument("-r", "--recompute", type=int, choices=[0, 1], default=1,
                    help="cuda bf16: recompute the GELU output in the backward (1, llm.c's default: less memory) or "
                         "keep it per layer (0: faster)")
@@ -1041,7 +1041,7 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.resume and not args.output_dir:
         p.error("--resume needs --output-dir")
-    if args.precision is None:
+    if args.precision == "auto":
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cpu" and args.precision != "fp32":
         p.error(f"--precision {args.precision} needs --device cuda (the CPU trains in fp32)")

