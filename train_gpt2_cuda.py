@@ -218,17 +218,22 @@ else:
 # the array's itemsize, a compile-time constant, so each compiled kernel keeps one
 # path. Arithmetic is float32 throughout.
 
-if SIM:  # the same bit manipulations on numpy scalars
-    @cuda.jit(device=True)
+if SIM:  # plain functions (a simulated device function swaps module globals on every call)
     def bf16_ld(u):
         return np.uint32(int(u) << 16).view(np.float32)
 
-    @cuda.jit(device=True)
     def bf16_st(x):
         b = int(np.float32(x).view(np.uint32))
-        if (b & 0x7FFFFFFF) > 0x7F800000:
+        if (b & 0x7FFFFFFF) > 0x7F800000:  # NaN stays a (quiet) NaN
             return np.uint16((b >> 16) | 0x40)
         return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+
+    def ld(arr, idx):
+        v = arr[idx]
+        return bf16_ld(v) if arr.itemsize == 2 else v
+
+    def st(arr, idx, v):
+        arr[idx] = bf16_st(v) if arr.itemsize == 2 else v
 else:
     from numba import int32, uint16, uint32
     from numba.cuda import libdevice
@@ -245,21 +250,19 @@ else:
         b = b + uint32(0x7FFF) + ((b >> uint32(16)) & uint32(1))
         return uint16(b >> uint32(16))
 
+    @cuda.jit(device=True, inline=True)
+    def ld(arr, idx):
+        v = arr[idx]
+        if arr.itemsize == 2:
+            return bf16_ld(v)
+        return float32(v)
 
-@cuda.jit(device=True, inline=True)
-def ld(arr, idx):
-    v = arr[idx]
-    if arr.itemsize == 2:
-        return bf16_ld(v)
-    return float32(v)
-
-
-@cuda.jit(device=True, inline=True)
-def st(arr, idx, v):
-    if arr.itemsize == 2:
-        arr[idx] = bf16_st(v)
-    else:
-        arr[idx] = v
+    @cuda.jit(device=True, inline=True)
+    def st(arr, idx, v):
+        if arr.itemsize == 2:
+            arr[idx] = bf16_st(v)
+        else:
+            arr[idx] = v
 
 
 

@@ -45,20 +45,38 @@ def _simulator_available():
 pytestmark = pytest.mark.skipif(not _simulator_available(), reason="numba's CUDA simulator is not available")
 
 
-def run_sim(*args, timeout=600):
+def start_sim(*args):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
     env.pop("NUMBA_DISABLE_JIT", None)
-    proc = subprocess.run([sys.executable, str(CHECK), *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+    return subprocess.Popen([sys.executable, str(CHECK), *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish_sim(proc, timeout=1500):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     failed = [line for line in out.splitlines() if line.startswith("CHECK") and not line.endswith(" OK")]
-    assert proc.returncode == 0 and "RESULT OK" in out and not failed, \
-        "\n".join(failed) or out[-4000:]
+    assert proc.returncode == 0 and "RESULT OK" in out and not failed, "\n".join(failed) or out[-4000:]
     return out
 
 
-def test_kernels_and_steps_match_cpu():
-    out = run_sim("kernels", "--steps", "2", "--attention-blocks", "1,3")
+@pytest.fixture(scope="module")
+def sim_runs():
+    """Both simulator runs start together (each is one single-threaded Python process, and
+    they take minutes): the tests below wait for their own."""
+    runs = {"kernels": start_sim("kernels", "--steps", "2", "--attention-blocks", "1,3"),
+            "bf16": start_sim("bf16", "--steps", "2")}
+    yield runs
+    for proc in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kernels_and_steps_match_cpu(sim_runs):
+    out = finish_sim(sim_runs["kernels"])
     assert "simulator=True" in out
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
     assert len(checks) >= 125, f"only {len(checks)} checks ran"
@@ -73,8 +91,8 @@ def test_kernels_and_steps_match_cpu():
 
 
 
-def test_bf16_matches_fp32_cpu_within_bf16_rounding():
-    out = run_sim("bf16", "--steps", "2", timeout=1200)
+def test_bf16_matches_fp32_cpu_within_bf16_rounding(sim_runs):
+    out = finish_sim(sim_runs["bf16"])
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
     assert len(checks) >= 100, f"only {len(checks)} checks ran"
     for name in ("bf16 widen", "bf16 round to nearest even", "cublasLt tA=1 tB=0 gelu aux", "cublasLt tA=0 tB=1 dgelu",
