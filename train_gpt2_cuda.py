@@ -5,7 +5,7 @@ train_gpt2.c and train_gpt2.cu).
 Shape, as llm.c: flat functions over one struct of device buffers. `to_device(model,
 B, T)` copies a gpt2_common.GPT2's parameters to the GPU and allocates, once, every
 buffer a step needs (the `dm`); `gpt2_forward_cuda`, `mean_loss_cuda`,
-`gpt2_backward_cuda` and `gpt2_update_cuda` run a step on it, each layer one kernel
+`gpt2_backward_cuda`, `stage_update` and `update_on_device` run a step on it, each layer one kernel
 launcher (`encoder_layernorm`, `attention_forward`, `colsum`, `adamw`, ...) over a
 numba.cuda kernel (k_*). `CUDA`, at the end, is the training target that train_gpt2.py's
 main() and test_gpt2.py use (the gpt2_common.Device interface, as train_gpt2.CPU): a
@@ -265,6 +265,9 @@ else:
             arr[idx] = v
 
 
+# -----------------------------------------------------------------------------
+# Kernels, forward
+
 
 @cuda.jit(device=True)
 def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols):
@@ -329,6 +332,31 @@ def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
 
 
 @cuda.jit(**JIT)
+def k_bias_forward(out, bias):
+    # out[i, o] += bias[o]; grid: (column blocks, row blocks), rows strided
+    N, OC = out.shape
+    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if o < OC:
+        bo = bias[o]
+        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
+            out[i, o] += bo
+
+
+@cuda.jit(**JIT)
+def k_bias_gelu_forward(fch, fch_gelu, bias):
+    # fch += bias; fch_gelu = gelu(fch) (tanh form), one pass
+    N, OC = fch.shape
+    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if o < OC:
+        bo = bias[o]
+        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
+            x = fch[i, o] + bo
+            fch[i, o] = x
+            u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+            fch_gelu[i, o] = HALF * x * (ONE + math.tanh(u))
+
+
+@cuda.jit(**JIT)
 def k_gelu_forward(out, inp):
     # out = gelu(inp) (tanh form), elementwise over flat arrays (the bf16 backward's
     # recompute of the GELU output from the stored pre-activation)
@@ -336,6 +364,64 @@ def k_gelu_forward(out, inp):
         x = ld(inp, i)
         u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
         st(out, i, HALF * x * (ONE + math.tanh(u)))
+
+
+@cuda.jit(**JIT)
+def k_softmax_forward(att, Tb):
+    # att (B*NH, T, T) holds scale * q.k for t2 < end of the row's query block; in place:
+    # causal softmax over t2 <= t, zeros for t < t2 < block end. One warp per row, each
+    # lane four elements per iteration (loads in flight).
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = att.shape
+    r = cuda.blockIdx.x * ROWS + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    m = NEG_INF
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        x0 = att[bh, t, j0]
+        x1 = att[bh, t, j1] if j1 < n else NEG_INF
+        x2 = att[bh, t, j2] if j2 < n else NEG_INF
+        x3 = att[bh, t, j3] if j3 < n else NEG_INF
+        m = max(m, max(max(x0, x1), max(x2, x3)))
+    m = warp_max(m, sh, ty)
+    s = F0
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        e0 = math.exp(att[bh, t, j0] - m)
+        e1 = math.exp(att[bh, t, j1] - m) if j1 < n else F0
+        e2 = math.exp(att[bh, t, j2] - m) if j2 < n else F0
+        e3 = math.exp(att[bh, t, j3] - m) if j3 < n else F0
+        s += (e0 + e1) + (e2 + e3)
+    s = warp_sum(s, sh, ty)
+    inv = ONE / s
+    for j0 in range(lane, n, 4 * LANES):
+        j1 = j0 + LANES
+        j2 = j1 + LANES
+        j3 = j2 + LANES
+        x0 = att[bh, t, j0]
+        x1 = att[bh, t, j1] if j1 < n else F0
+        x2 = att[bh, t, j2] if j2 < n else F0
+        x3 = att[bh, t, j3] if j3 < n else F0
+        att[bh, t, j0] = math.exp(x0 - m) * inv
+        if j1 < n:
+            att[bh, t, j1] = math.exp(x1 - m) * inv
+        if j2 < n:
+            att[bh, t, j2] = math.exp(x2 - m) * inv
+        if j3 < n:
+            att[bh, t, j3] = math.exp(x3 - m) * inv
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        att[bh, t, t2] = F0
 
 
 @cuda.jit(**JIT)
@@ -363,6 +449,28 @@ def k_classifier_forward(losses, lse, logits, targets, V):
         lse[row] = lv
         tg = targets[row]
         losses[row] = lv - ld(logits, (row, tg)) if tg >= 0 else F0
+
+
+@cuda.jit(**JIT)
+def k_loss_reduce(stats, losses, targets):
+    # one block: stats = [sum of losses (float64), number of unmasked targets]
+    sh = cuda.shared.array(RED_N, float64)
+    tid = cuda.threadIdx.x
+    s = 0.0
+    cnt = 0.0
+    for i in range(tid, losses.shape[0], cuda.blockDim.x):
+        s += losses[i]
+        if targets[i] >= 0:
+            cnt += 1.0
+    s = block_sum(s, sh)
+    cnt = block_sum(cnt, sh)
+    if tid == 0:
+        stats[0] = s
+        stats[1] = cnt
+
+
+# -----------------------------------------------------------------------------
+# Kernels, backward
 
 
 @cuda.jit(**JIT)
@@ -465,6 +573,48 @@ def k_colsum_partial(part, dout, aux, mean, rstd, mode, chunk):
 
 
 @cuda.jit(**JIT)
+def k_colsum_finalize(out1, out2, part, nchunks, accumulate, two):
+    # out1 (+)= sum over chunks of part[0]; with two, out2 (+)= sum of part[1]
+    c = cuda.grid(1)
+    if c < out1.shape[0]:
+        s = part[0, 0, c]
+        for k in range(1, nchunks):
+            s += part[0, k, c]
+        out1[c] = out1[c] + s if accumulate else s
+        if two:
+            s2 = part[1, 0, c]
+            for k in range(1, nchunks):
+                s2 += part[1, k, c]
+            out2[c] = out2[c] + s2 if accumulate else s2
+
+
+@cuda.jit(**JIT)
+def k_softmax_backward(datt, att, Tb, scale):
+    # in place: datt becomes d(scores) = att * (datt - sum(att * datt)) * scale over
+    # t2 <= t; zeros for t < t2 < block end. One warp per row. (Unrolling this one four
+    # ways, as the forward, measured slower on an H100: 8.3 ms vs 6.5 ms per step.)
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    BNH, T, _ = datt.shape
+    r = cuda.blockIdx.x * ROWS + ty
+    valid = r < BNH * T
+    rr = r if valid else 0
+    bh = rr // T
+    t = rr - bh * T
+    n = t + 1 if valid else 0
+    dot = F0
+    for t2 in range(lane, n, LANES):
+        dot += att[bh, t, t2] * datt[bh, t, t2]
+    dot = warp_sum(dot, sh, ty)
+    for t2 in range(lane, n, LANES):
+        datt[bh, t, t2] = att[bh, t, t2] * (datt[bh, t, t2] - dot) * scale
+    end = min(T, (t // Tb + 1) * Tb) if valid else 0
+    for t2 in range(t + 1 + lane, end, LANES):
+        datt[bh, t, t2] = F0
+
+
+@cuda.jit(**JIT)
 def k_encoder_backward_wpe(dwpe, dout, B, T, accumulate):
     # dwpe[t] (+)= sum over b of dout[b*T + t], in the CPU's order; rows >= T zeroed
     # when not accumulating (as the CPU). One thread per (t, c): deterministic.
@@ -509,176 +659,6 @@ def k_encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, nu
                 s0 += ld(dout, (positions[p], c))
                 p += 1
             dwte[tok, c] = s0 + ((s1 + s2) + s3)
-
-
-@cuda.jit(**JIT)
-def k_fill(x, value):
-    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        st(x, i, value)
-
-
-@cuda.jit(**JIT)
-def k_store(dst, src):
-    # dst = src rounded to storage (the bf16 weights from the float32 master weights)
-    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
-        st(dst, i, src[i])
-
-
-# -----------------------------------------------------------------------------
-# Kernels, forward (float32 only)
-
-
-@cuda.jit(**JIT)
-def k_bias_forward(out, bias):
-    # out[i, o] += bias[o]; grid: (column blocks, row blocks), rows strided
-    N, OC = out.shape
-    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if o < OC:
-        bo = bias[o]
-        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            out[i, o] += bo
-
-
-@cuda.jit(**JIT)
-def k_bias_gelu_forward(fch, fch_gelu, bias):
-    # fch += bias; fch_gelu = gelu(fch) (tanh form), one pass
-    N, OC = fch.shape
-    o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if o < OC:
-        bo = bias[o]
-        for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            x = fch[i, o] + bo
-            fch[i, o] = x
-            u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-            fch_gelu[i, o] = HALF * x * (ONE + math.tanh(u))
-
-
-@cuda.jit(**JIT)
-def k_softmax_forward(att, Tb):
-    # att (B*NH, T, T) holds scale * q.k for t2 < end of the row's query block; in place:
-    # causal softmax over t2 <= t, zeros for t < t2 < block end. One warp per row, each
-    # lane four elements per iteration (loads in flight).
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    BNH, T, _ = att.shape
-    r = cuda.blockIdx.x * ROWS + ty
-    valid = r < BNH * T
-    rr = r if valid else 0
-    bh = rr // T
-    t = rr - bh * T
-    n = t + 1 if valid else 0
-    m = NEG_INF
-    for j0 in range(lane, n, 4 * LANES):
-        j1 = j0 + LANES
-        j2 = j1 + LANES
-        j3 = j2 + LANES
-        x0 = att[bh, t, j0]
-        x1 = att[bh, t, j1] if j1 < n else NEG_INF
-        x2 = att[bh, t, j2] if j2 < n else NEG_INF
-        x3 = att[bh, t, j3] if j3 < n else NEG_INF
-        m = max(m, max(max(x0, x1), max(x2, x3)))
-    m = warp_max(m, sh, ty)
-    s = F0
-    for j0 in range(lane, n, 4 * LANES):
-        j1 = j0 + LANES
-        j2 = j1 + LANES
-        j3 = j2 + LANES
-        e0 = math.exp(att[bh, t, j0] - m)
-        e1 = math.exp(att[bh, t, j1] - m) if j1 < n else F0
-        e2 = math.exp(att[bh, t, j2] - m) if j2 < n else F0
-        e3 = math.exp(att[bh, t, j3] - m) if j3 < n else F0
-        s += (e0 + e1) + (e2 + e3)
-    s = warp_sum(s, sh, ty)
-    inv = ONE / s
-    for j0 in range(lane, n, 4 * LANES):
-        j1 = j0 + LANES
-        j2 = j1 + LANES
-        j3 = j2 + LANES
-        x0 = att[bh, t, j0]
-        x1 = att[bh, t, j1] if j1 < n else F0
-        x2 = att[bh, t, j2] if j2 < n else F0
-        x3 = att[bh, t, j3] if j3 < n else F0
-        att[bh, t, j0] = math.exp(x0 - m) * inv
-        if j1 < n:
-            att[bh, t, j1] = math.exp(x1 - m) * inv
-        if j2 < n:
-            att[bh, t, j2] = math.exp(x2 - m) * inv
-        if j3 < n:
-            att[bh, t, j3] = math.exp(x3 - m) * inv
-    end = min(T, (t // Tb + 1) * Tb) if valid else 0
-    for t2 in range(t + 1 + lane, end, LANES):
-        att[bh, t, t2] = F0
-
-
-
-
-@cuda.jit(**JIT)
-def k_loss_reduce(stats, losses, targets):
-    # one block: stats = [sum of losses (float64), number of unmasked targets]
-    sh = cuda.shared.array(RED_N, float64)
-    tid = cuda.threadIdx.x
-    s = 0.0
-    cnt = 0.0
-    for i in range(tid, losses.shape[0], cuda.blockDim.x):
-        s += losses[i]
-        if targets[i] >= 0:
-            cnt += 1.0
-    s = block_sum(s, sh)
-    cnt = block_sum(cnt, sh)
-    if tid == 0:
-        stats[0] = s
-        stats[1] = cnt
-
-
-# -----------------------------------------------------------------------------
-# Kernels, backward
-
-
-@cuda.jit(**JIT)
-def k_colsum_finalize(out1, out2, part, nchunks, accumulate, two):
-    # out1 (+)= sum over chunks of part[0]; with two, out2 (+)= sum of part[1]
-    c = cuda.grid(1)
-    if c < out1.shape[0]:
-        s = part[0, 0, c]
-        for k in range(1, nchunks):
-            s += part[0, k, c]
-        out1[c] = out1[c] + s if accumulate else s
-        if two:
-            s2 = part[1, 0, c]
-            for k in range(1, nchunks):
-                s2 += part[1, k, c]
-            out2[c] = out2[c] + s2 if accumulate else s2
-
-
-@cuda.jit(**JIT)
-def k_softmax_backward(datt, att, Tb, scale):
-    # in place: datt becomes d(scores) = att * (datt - sum(att * datt)) * scale over
-    # t2 <= t; zeros for t < t2 < block end. One warp per row. (Unrolling this one four
-    # ways, as the forward, measured slower on an H100: 8.3 ms vs 6.5 ms per step.)
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    BNH, T, _ = datt.shape
-    r = cuda.blockIdx.x * ROWS + ty
-    valid = r < BNH * T
-    rr = r if valid else 0
-    bh = rr // T
-    t = rr - bh * T
-    n = t + 1 if valid else 0
-    dot = F0
-    for t2 in range(lane, n, LANES):
-        dot += att[bh, t, t2] * datt[bh, t, t2]
-    dot = warp_sum(dot, sh, ty)
-    for t2 in range(lane, n, LANES):
-        datt[bh, t, t2] = att[bh, t, t2] * (datt[bh, t, t2] - dot) * scale
-    end = min(T, (t // Tb + 1) * Tb) if valid else 0
-    for t2 in range(t + 1 + lane, end, LANES):
-        datt[bh, t, t2] = F0
-
-
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -737,6 +717,19 @@ def k_adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
         m_hat = mi / bc1
         v_hat = vi / bc2
         params[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + wd * params[i])
+
+
+@cuda.jit(**JIT)
+def k_fill(x, value):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        st(x, i, value)
+
+
+@cuda.jit(**JIT)
+def k_store(dst, src):
+    # dst = src rounded to storage (the bf16 weights from the float32 master weights)
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        st(dst, i, src[i])
 
 
 # -----------------------------------------------------------------------------
@@ -1351,7 +1344,7 @@ def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
     dm.has_loss = False        # a forward with targets ran: the loss statistics are valid
     dm.backward_ready = False  # ... and its logits are still there for a backward
     # AdamW hyperparameters of the next update, staged as the tokens are
-    dm.hyper_host = cuda.pinned_array(8, dtype=np.float32)
+    dm.hyper_host = cuda.pinned_array(6, dtype=np.float32)
     dm.hyper_host[:] = 0
     dm.hyper = cuda.to_device(dm.hyper_host)
 
@@ -1381,6 +1374,8 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
     dm.tf32 = bool(tf32)
     dm.blas = Blas.get()
     dm.stream = 0 if SIM else cuda.default_stream()
+    dm.launch_stream = None  # kernels go to the legacy default stream, as cuBLAS
+    dm.params16_padded = None
     _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
 
     ashapes = common.activation_shapes(cfg, B, T)
@@ -1556,15 +1551,13 @@ def _stage_buckets(dm):
     dm.buckets_staged = True
 
 
-def gpt2_forward_cuda(dm, inputs, targets=None):
-    """inputs, targets: host int32 (B, T) (targets of -1 are masked). Fills the device
-    activations and, with targets, the per-position losses and the loss statistics on
-    the device; returns nothing (read the loss with mean_loss_cuda)."""
+def gpt2_forward_cuda(dm):
+    """The fp32 / tf32 forward over the staged tokens: fills the device activations and,
+    with targets (dm.has_loss), the per-position losses and the loss statistics on the
+    device; returns nothing (read the loss with mean_loss_cuda)."""
     cfg, B, T = dm.cfg, dm.B, dm.T
     L, V = cfg.num_layers, cfg.vocab_size
     C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
-    _stage_tokens(dm, inputs, targets)
-    dm.has_loss = dm.backward_ready = targets is not None
     blas = dm.blas
     blas.set_tf32(dm.tf32)
     p, a, P, A, ad = dm.params, dm.acts, dm.P, dm.A, dm.addr
@@ -1591,7 +1584,7 @@ def gpt2_forward_cuda(dm, inputs, targets=None):
         residual_layernorm(A.residual3[l], A.residual2[l], P.fcprojb[l], nxt[0], nxt[1], nxt[2], nxt[3], nxt[4])
         residual = A.residual3[l]
     blas.gemm(False, True, BT, Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
-    if targets is not None:
+    if dm.has_loss:
         classifier_forward(a.losses, a.logsumexp, a.logits, dm.targets, V)
         loss_reduce(dm.stats, a.losses, dm.targets)
 
@@ -1605,11 +1598,10 @@ def mean_loss_cuda(dm):
     return float(s / cnt) if cnt else 0.0
 
 
-def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
-    """Gradients of loss_scale * mean loss of the last forward. accumulate=False
-    overwrites the parameter gradients, True adds to them. The logits become dlogits."""
-    if not dm.backward_ready:
-        raise RuntimeError("gpt2_backward_cuda needs a forward pass with targets first")
+def gpt2_backward_cuda(dm, accumulate, loss_scale):
+    """Gradients of loss_scale * mean loss of the last forward (fp32 / tf32).
+    accumulate=False overwrites the parameter gradients, True adds to them. The logits
+    become dlogits."""
     cfg, B, T = dm.cfg, dm.B, dm.T
     L, V = cfg.num_layers, cfg.vocab_size
     C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
@@ -1620,9 +1612,7 @@ def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
     part = dm.colsum_part
     beta = 1.0 if accumulate else 0.0
 
-    _stage_buckets(dm)
     classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
-    dm.backward_ready = False  # the logits are gone (dlogits now)
     # logits = lnf @ wte^T
     blas.gemm(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
     blas.gemm(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, beta=beta)
@@ -1657,19 +1647,13 @@ def gpt2_backward_cuda(dm, accumulate=False, loss_scale=1.0):
     encoder_backward_wpe(g.wpe, d.dresidual, B, T, accumulate)
 
 
-def gpt2_update_cuda(dm, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                     weight_decay_mode="matrices", grad_clip=0.0, dist=None):
-    """One AdamW step over the whole parameter buffer (cpu.gpt2_update's semantics),
-    with the global gradient norm and the clipping computed on the device. Returns the
-    norm before clipping as a 1-element float64 device array (overwritten by the next
-    update; CUDA.update reads it); nothing here waits for the device.
-
-    Data parallel (dist: distributed.NCCLGroup, or the MPIGroup under the simulator):
-    the gradients are summed over the ranks in one call over the flat buffer; under
-    ZeRO-1 (dm.grad_shard) that is a reduce-scatter, this rank updates its shard of the
-    parameters with its shard of m and v, and the ranks all-gather the parameters."""
-    stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
-    return update_on_device(dm, grad_clip, dist)
+# One AdamW step over the whole parameter buffer (cpu.gpt2_update's semantics), with the
+# global gradient norm and the clipping computed on the device, in two halves: the host's
+# (stage_update) and the device's (update_on_device, which a CUDA graph can capture).
+# Data parallel (dist: distributed.NCCLGroup, or the MPIGroup under the simulator): the
+# gradients are summed over the ranks in one call over the flat buffer; under ZeRO-1
+# (dm.grad_shard) that is a reduce-scatter, this rank updates its shard of the parameters
+# with its shard of m and v, and the ranks all-gather the parameters.
 
 
 def stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode):
@@ -1687,15 +1671,17 @@ def stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode):
         dm.group_decay.copy_to_device(decay, stream=dm.stream)
         dm._decay_key = key
     _wait_staging(dm)
-    dm.hyper_host[:6] = (lr, beta1, beta2, eps, 1.0 - beta1 ** dm.step, 1.0 - beta2 ** dm.step)
+    dm.hyper_host[:] = (lr, beta1, beta2, eps, 1.0 - beta1 ** dm.step, 1.0 - beta2 ** dm.step)
     dm.hyper.copy_to_device(dm.hyper_host, stream=dm.stream)
     if dm.staging_event is not None:
         dm.staging_event.record(dm.stream)
 
 
 def update_on_device(dm, grad_clip, dist=None):
-    """The device side of an update (what a CUDA graph captures): the gradient
-    reduction over the ranks, the norm and clip scale, AdamW, the all-gather."""
+    """The device side of an update: the gradient reduction over the ranks, the norm and
+    clip scale, AdamW, the all-gather, and under bf16 the bf16 weights of the next step.
+    Returns the norm before clipping as a 1-element float64 device array (overwritten by
+    the next update); nothing here waits for the device."""
     sharded = dm.grad_shard is not None
     if sharded:
         dist.reduce_scatter_sum_device(dm.grads_padded, dm.grad_shard)
@@ -1709,6 +1695,8 @@ def update_on_device(dm, grad_clip, dist=None):
     adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end, dm.group_decay)
     if sharded:
         dist.allgather_device(dm.params_padded)
+    if dm.params16_padded is not None:
+        store(dm.params16_padded, dm.params_padded)
     return dm.normbuf[0:1]
 
 
@@ -1740,6 +1728,14 @@ def bf16_activation_shapes(cfg, B, T, recompute_gelu=True):
     return bf16, f32
 
 
+def fuses_gelu(BT, C):
+    """Whether the fc layer's bias + GELU runs as cuBLASLt's epilogue: on GPT-2-like
+    shapes only. At a small ragged shape (24 x 40 x 56, this product's transposes) the
+    epilogue returned wrong values on an H200 (dev/cuda_check.py bf16), so other shapes
+    take the bias epilogue and our GELU kernel."""
+    return BT % 64 == 0 and C % 64 == 0
+
+
 def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute_gelu=True):
     """to_device for bf16: the float32 state of _parameters_to_device, a bf16 copy of the
     parameters (same layout), the bf16 and float32 activations, one stream that every
@@ -1749,13 +1745,8 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     _check_shape(cfg, B, T)
     C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
     dm = CudaGPT2()
-    dm.tf32 = False
     dm.recompute_gelu = bool(recompute_gelu)
-    # cuBLASLt's bias + GELU epilogue, used where the shapes are GPT-2-like: at a small
-    # ragged shape (24 x 40 x 56, this product's transposes) it returned wrong values on
-    # an H200 (dev/cuda_check.py bf16), so other shapes take the bias epilogue and our
-    # GELU kernel
-    dm.fused_gelu = (B * T) % 64 == 0 and C % 64 == 0
+    dm.fused_gelu = fuses_gelu(B * T, C)
     if SIM:
         dm.stream, dm.stream_ptr, dm.cupy_stream = 0, 0, None
     else:
@@ -1763,6 +1754,7 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
         dm.cupy_stream = cupy.cuda.Stream(non_blocking=False)  # ordered with the legacy default stream
         dm.stream_ptr = dm.cupy_stream.ptr
         dm.stream = cuda.external_stream(dm.stream_ptr)
+    dm.launch_stream = None if SIM else dm.stream
     _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
     dm.params16_padded = _alloc(dm.params_padded.size, np.uint16)
     store(dm.params16_padded, dm.params_padded)
@@ -1972,11 +1964,11 @@ class CUDA(common.Device):
         self.ran_once = set()
 
     def _device_step(self, key, work):
-        """Run work() (device launches only) on the bf16 stream: eagerly the first
-        time (kernels compile, plans are made), captured into a CUDA graph the second,
-        replayed from then on."""
+        """Run work() (device launches only) on the target's stream. bf16: eagerly the
+        first time (kernels compile, plans are made), captured into a CUDA graph the
+        second, replayed from then on."""
         dm = self.dm
-        _launch_stream[0] = None if SIM else dm.stream
+        _launch_stream[0] = dm.launch_stream
         try:
             if self.graphs is None or key not in self.ran_once:
                 work()
@@ -1996,41 +1988,29 @@ class CUDA(common.Device):
 
     def forward(self, inputs, targets=None):
         dm = self.dm
-        if self.precision == "bf16":
-            _stage_tokens(dm, inputs, targets)
-            dm.has_loss = dm.backward_ready = targets is not None
-            self._device_step(("forward", targets is not None), lambda: gpt2_forward_bf16(dm))
-        else:
-            gpt2_forward_cuda(dm, inputs, targets)
+        _stage_tokens(dm, inputs, targets)
+        dm.has_loss = dm.backward_ready = targets is not None
+        forward = gpt2_forward_bf16 if self.precision == "bf16" else gpt2_forward_cuda
+        self._device_step(("forward", targets is not None), lambda: forward(dm))
         if targets is not None:
             _stage_buckets(dm)  # built on the host while the device runs the forward
         return mean_loss_cuda(dm)  # waits for the forward
 
     def backward(self, accumulate=False, loss_scale=1.0):
         dm = self.dm
-        if self.precision == "bf16":
-            if not dm.backward_ready:
-                raise RuntimeError("backward needs a forward pass with targets first")
-            _stage_buckets(dm)
-            dm.backward_ready = False  # the logits become dlogits
-            key = ("backward", bool(accumulate), float(loss_scale))
-            self._device_step(key, lambda: gpt2_backward_bf16(dm, bool(accumulate), float(loss_scale)))
-        else:
-            gpt2_backward_cuda(dm, accumulate, loss_scale)
+        if not dm.backward_ready:
+            raise RuntimeError("backward needs a forward pass with targets first")
+        _stage_buckets(dm)
+        dm.backward_ready = False  # the logits become dlogits
+        backward = gpt2_backward_bf16 if self.precision == "bf16" else gpt2_backward_cuda
+        accumulate, loss_scale = bool(accumulate), float(loss_scale)
+        self._device_step(("backward", accumulate, loss_scale), lambda: backward(dm, accumulate, loss_scale))
 
     def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
         dm = self.dm
-        if self.precision == "bf16":
-            stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
-
-            def work():
-                update_on_device(dm, grad_clip, self.dist)
-                store(dm.params16_padded, dm.params_padded)  # the bf16 weights of the next step
-            self._device_step(("update", float(grad_clip)), work)
-            norm = dm.normbuf[0:1]
-        else:
-            norm = gpt2_update_cuda(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip, self.dist)
-        return float(norm.copy_to_host()[0])  # waits for the update
+        stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
+        self._device_step(("update", float(grad_clip)), lambda: update_on_device(dm, grad_clip, self.dist))
+        return float(dm.normbuf[0:1].copy_to_host()[0])  # waits for the update
 
     def params_to_host(self):
         self.dm.params_memory.copy_to_host(self.model.params_memory)
@@ -2063,7 +2043,7 @@ class CUDA(common.Device):
                 part = np.zeros(moments.size, dtype=np.float32)  # the padding past the end stays zero
                 part[:max(0, min(moments.size, host.size - lo))] = host[lo:lo + moments.size]
                 moments.copy_to_device(part)
-        if self.precision == "bf16":
+        if dm.params16_padded is not None:
             store(dm.params16_padded, dm.params_padded)
         dm.step = int(model.step)
 

@@ -213,12 +213,6 @@ def main():
         o, stats = gf.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=True, attn_scale=scale, use_causal_mask=True)
         o.set_output(True).set_dim([B, NH, T, HS]).set_stride([T * Cm, HS, Cm, 1])
         stats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
-        for g in (gf,):
-            g.validate()
-            g.build_operation_graph()
-            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-            g.check_support()
-            g.build_plans()
         gb = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
                            compute_data_type=cudnn.data_type.FLOAT, handle=ch)
         bq = gb.tensor(name="q", dim=[B, NH, T, HS], stride=qkv_strides, data_type=cudnn.data_type.BFLOAT16)
@@ -231,7 +225,7 @@ def main():
                                       use_causal_mask=True)
         for t_ in (dq, dk, dv):
             t_.set_output(True).set_dim([B, NH, T, HS]).set_stride(qkv_strides)
-        for g in (gb,):
+        for g in (gf, gb):
             g.validate()
             g.build_operation_graph()
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])

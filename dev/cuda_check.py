@@ -38,7 +38,9 @@ import gpt2_common as common  # noqa: E402  (numpy only: no numba, no GPU)
 FAILS = []
 
 
-def report(name, got, ref, tol, absolute=False):
+def report(name, got, ref, tol, absolute=False, norm=False):
+    """rel: the largest error over the largest reference value; with norm (bf16 against
+    float32, where single roundings scatter), ||got - ref|| / ||ref||."""
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if got.shape != ref.shape:
@@ -48,9 +50,11 @@ def report(name, got, ref, tol, absolute=False):
     err = float(np.max(np.abs(got - ref))) if got.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     rel = err / scale if scale > 0 else err
+    if norm:
+        rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
     bad = not np.all(np.isfinite(got)) or (err if absolute else rel) > tol
-    print(f"CHECK {name:28s} maxabs={err:.3e} rel={rel:.3e} tol={tol:.0e}{' abs' if absolute else ''} "
-          f"{'FAIL' if bad else 'OK'}", flush=True)
+    print(f"CHECK {name:28s} maxabs={err:.3e} {'normrel' if norm else 'rel'}={rel:.3e} tol={tol:.0e}"
+          f"{' abs' if absolute else ''} {'FAIL' if bad else 'OK'}", flush=True)
     if bad:
         FAILS.append(name)
 
@@ -348,6 +352,7 @@ def full_step_parity(cpu, tc, cfg, B, T, steps, precision, seed, tol_logits, tol
     logits, loss, every gradient, norm and parameters at every step."""
     rng = np.random.default_rng(seed)
     V = cfg.vocab_size
+    by_norm = precision == "bf16"  # bf16: ||error|| / ||reference||
     host = common.gpt2_init_random(cfg, seed)
     gpu = tc.CUDA(clone_host(host), B, T, precision=precision, **options)
     ref = cpu.CPU(host, B, T)
@@ -361,8 +366,8 @@ def full_step_parity(cpu, tc, cfg, B, T, steps, precision, seed, tol_logits, tol
     for step in range(steps):
         loss_ref = ref.forward(x, y)
         loss = gpu.forward(x, y)
-        report(f"{label}s{step} logits", gpu.logits_to_host(), ref.logits_to_host(), tol_logits)
-        report(f"{label}s{step} loss", loss, loss_ref, tol_logits)
+        report(f"{label}s{step} logits", gpu.logits_to_host(), ref.logits_to_host(), tol_logits, norm=by_norm)
+        report(f"{label}s{step} loss", loss, loss_ref, tol_logits, norm=by_norm)
         ref.backward()
         gpu.backward()
         acc = step == 1
@@ -373,12 +378,13 @@ def full_step_parity(cpu, tc, cfg, B, T, steps, precision, seed, tol_logits, tol
             gpu.backward(accumulate=True, loss_scale=0.5)
         g, g_ref = gpu.grads_to_host(), ref.grads_to_host()
         for name, s0, s1 in offsets:
-            report(f"{label}s{step} grad {name}{' (acc)' if acc else ''}", g[s0:s1], g_ref[s0:s1], tol_grads)
+            report(f"{label}s{step} grad {name}{' (acc)' if acc else ''}", g[s0:s1], g_ref[s0:s1], tol_grads,
+                   norm=by_norm)
         norm_ref = ref.update(**recipe)
         norm = gpu.update(**recipe)
-        report(f"{label}s{step} grad norm", norm, norm_ref, tol_grads)
+        report(f"{label}s{step} grad norm", norm, norm_ref, tol_grads, norm=by_norm)
         gpu.params_to_host()
-        report(f"{label}s{step} params", gpu.model.params_memory, host.params_memory, tol_grads)
+        report(f"{label}s{step} params", gpu.model.params_memory, host.params_memory, tol_grads, norm=by_norm)
     gpu.free()
 
 
@@ -411,6 +417,7 @@ def train_loop_parity(cpu, tc, cfg, B, T, steps, tol, precision="fp32"):
         batches.append((toks[:, :-1].copy(), toks[:, 1:].copy()))
     recipe = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode="matrices",
                   grad_clip=0.5)
+    by_norm = precision == "bf16"  # bf16: ||error|| / ||reference||
     host = common.gpt2_init_random(cfg, 17)
     gpu = tc.CUDA(clone_host(host), B, T, precision=precision)
     losses, norms = train_loop(gpu, batches, accum, recipe)
@@ -419,11 +426,11 @@ def train_loop_parity(cpu, tc, cfg, B, T, steps, tol, precision="fp32"):
     losses_ref, norms_ref = train_loop(ref, batches, accum, recipe)
     ref.state_to_host()
     got = gpu.model
-    report(f"train loop {steps} step losses", losses, losses_ref, tol)
-    report(f"train loop {steps} norms", norms, norms_ref, tol)
-    report("train loop final params", got.params_memory, host.params_memory, tol)
-    report("train loop final m", got.m_memory, host.m_memory, tol)
-    report("train loop final v", got.v_memory, host.v_memory, tol)
+    report(f"train loop {steps} step losses", losses, losses_ref, tol, norm=by_norm)
+    report(f"train loop {steps} norms", norms, norms_ref, tol, norm=by_norm)
+    report("train loop final params", got.params_memory, host.params_memory, tol, norm=by_norm)
+    report("train loop final m", got.m_memory, host.m_memory, tol, norm=by_norm)
+    report("train loop final v", got.v_memory, host.v_memory, tol, norm=by_norm)
     report("train loop step count", got.step, host.step, 0.0, absolute=True)
     gpu.free()
 
@@ -498,7 +505,7 @@ def cmd_bf16(args):
     accumulation) against float64 numpy on the same bf16 operands, the fused attention
     against train_gpt2's attention forward/backward, full steps and a training loop
     through the Device interface, the state round trip and an exact resume, and GELU
-    recompute on and off giving the same training to bf16 rounding."""
+    recompute on and off giving the same bits."""
     global cuda  # a module global: the simulator swaps a kernel's global `cuda` for its own
     import train_gpt2 as cpu
     import train_gpt2_cuda as tc
@@ -616,7 +623,7 @@ def cmd_bf16(args):
     cpu.attention_forward(ref_out, ref_att, qkv, Bq, Tq, NH)
     tc.synchronize()
     report("attention forward (bf16)", common.bfloat16_to_float32(d_out.copy_to_host()).reshape(Bq * Tq, Cq),
-           ref_out, 2e-2)
+           ref_out, 1e-2, norm=True)
     dout16 = bf(rng.standard_normal((Bq * Tq, Cq)))
     d_dqkv = dev(np.zeros(Bq * Tq * 3 * Cq, np.uint16))
     att.backward(tc._addr(d_qkv), tc._addr(d_out), tc._addr(dev(dout16)), tc._addr(d_stats), tc._addr(d_dqkv))
@@ -626,7 +633,7 @@ def cmd_bf16(args):
     got = common.bfloat16_to_float32(d_dqkv.copy_to_host()).reshape(Bq * Tq, 3 * Cq)
     for i, name in enumerate("qkv"):
         report(f"attention backward d{name} (bf16)", got[:, i * Cq:(i + 1) * Cq], ref_dqkv[:, i * Cq:(i + 1) * Cq],
-               3e-2)
+               1e-2, norm=True)
 
     # whole steps through the Device interface, against the float32 CPU target
     cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2,
@@ -637,20 +644,16 @@ def cmd_bf16(args):
     train_loop_parity(cpu, tc, cfg, Bq, Tq, steps=args.steps, tol=tol, precision="bf16")
     state_round_trip(tc, cfg, Bq, Tq, precision="bf16")
 
-    # the tiny config's shapes take the unfused bias + GELU (a GPT-2-like one the fused epilogue)
-    d = tc.CUDA(common.gpt2_init_random(cfg, 3), Bq, Tq, precision="bf16")
+    # the tiny config's shapes take the unfused bias + GELU (above), a GPT-2-like one the fused epilogue
     wide = common.GPT2Config(max_seq_len=64, vocab_size=60, padded_vocab_size=128, num_layers=1, num_heads=2,
                              channels=64)
-    d2 = tc.CUDA(common.gpt2_init_random(wide, 3), 2, 32, precision="bf16")
-    report("bias+GELU epilogue only on multiples of 64", float(d.dm.fused_gelu) + float(not d2.dm.fused_gelu), 0.0,
-           0.0, absolute=True)
-    d.free()
-    d2.free()
+    report("bias+GELU epilogue only on multiples of 64", float(tc.fuses_gelu(Bq * Tq, cfg.channels)) +
+           float(not tc.fuses_gelu(2 * 32, wide.channels)), 0.0, 0.0, absolute=True)
     full_step_parity(cpu, tc, wide, 2, 32, steps=1, precision="bf16", seed=13, tol_logits=tol, tol_grads=tol,
                      label="fused gelu ")
 
-    # GELU recompute on and off: the same training to bf16 rounding (the recompute starts
-    # from the stored bf16 pre-activation, the forward from the float32 one)
+    # GELU recompute on and off, bit for bit: on the tiny config the forward's GELU, as the
+    # recompute, starts from the stored bf16 pre-activation
     x = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
     results = []
@@ -663,8 +666,8 @@ def cmd_bf16(args):
             d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
         results.append((losses, d.grads_to_host()))
         d.free()
-    report("gelu recompute on/off losses", results[0][0], results[1][0], 1e-4)
-    report("gelu recompute on/off grads", results[0][1], results[1][1], 2e-2)
+    report("gelu recompute on/off losses", results[0][0], results[1][0], 0.0, absolute=True)
+    report("gelu recompute on/off grads", results[0][1], results[1][1], 0.0, absolute=True)
     finish()
 
 
@@ -1083,7 +1086,9 @@ def main():
         b.add_argument("--profile", action="store_true")
         b.add_argument("--profile-rows", type=int, default=24)
     k = sub.add_parser("bf16")
-    k.add_argument("--tol", type=float, default=5e-2, help="largest error / largest reference value, vs fp32 CPU")
+    k.add_argument("--tol", type=float, default=5e-2,
+                   help="||error|| / ||reference|| vs the fp32 CPU target (after an update, AdamW turns the bf16 "
+                        "noise of near-zero gradients into whole steps: about 2e-2 seen at step 1)")
     k.add_argument("--steps", type=int, default=3)
     q = sub.add_parser("bf16-parity")
     q.add_argument("--checkpoint", default="data/gpt2_124M.bin")

@@ -90,7 +90,6 @@ def test_kernels_and_steps_match_cpu(sim_runs):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
 
 
-
 def test_bf16_matches_fp32_cpu_within_bf16_rounding(sim_runs):
     out = finish_sim(sim_runs["bf16"])
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
