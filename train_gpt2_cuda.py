@@ -1551,6 +1551,16 @@ def _stage_buckets(dm):
     dm.buckets_staged = True
 
 
+def embed(dm):
+    """encoded = wte[tokens] + wpe, and the first layernorm (ln1 of layer 0, or lnf for a
+    model without layers), from the float32 parameters in both precisions."""
+    p, a, P, A, L = dm.params, dm.acts, dm.P, dm.A, dm.cfg.num_layers
+    first_ln = (A.ln1[0], A.ln1_mean[0], A.ln1_rstd[0], P.ln1w[0], P.ln1b[0]) if L else \
+        (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
+    encoder_layernorm(a.encoded, first_ln[0], first_ln[1], first_ln[2], dm.tokens, p.wte, p.wpe,
+                      first_ln[3], first_ln[4], dm.T)
+
+
 def gpt2_forward_cuda(dm):
     """The fp32 / tf32 forward over the staged tokens: fills the device activations and,
     with targets (dm.has_loss), the per-position losses and the loss statistics on the
@@ -1562,10 +1572,7 @@ def gpt2_forward_cuda(dm):
     blas.set_tf32(dm.tf32)
     p, a, P, A, ad = dm.params, dm.acts, dm.P, dm.A, dm.addr
 
-    first_ln = (A.ln1[0], A.ln1_mean[0], A.ln1_rstd[0], P.ln1w[0], P.ln1b[0]) if L else \
-        (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
-    encoder_layernorm(a.encoded, first_ln[0], first_ln[1], first_ln[2], dm.tokens, p.wte, p.wpe,
-                      first_ln[3], first_ln[4], T)
+    embed(dm)
     residual = a.encoded
     for l in range(L):
         blas.gemm(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C)
@@ -1800,10 +1807,7 @@ def gpt2_forward_bf16(dm):
     C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
     p, a, P, A, ad, lt = dm.params, dm.acts, dm.P, dm.A, dm.addr, dm.lt
 
-    first_ln = (A.ln1[0], A.ln1_mean[0], A.ln1_rstd[0], P.ln1w[0], P.ln1b[0]) if L else \
-        (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
-    encoder_layernorm(a.encoded, first_ln[0], first_ln[1], first_ln[2], dm.tokens, p.wte, p.wpe,
-                      first_ln[3], first_ln[4], T)
+    embed(dm)
     residual = ad.encoded
     for l in range(L):
         lt.matmul(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C, bias=ad.qkvb[l])
