@@ -28,7 +28,8 @@ master weights, gradients, AdamW state and residual stream, matmuls through cuBL
 (nvmath-python's bindings) with the bias and GELU as epilogues, attention through cuDNN's
 fused flash attention (cudnn-frontend), and each step phase replayed as a CUDA graph. The
 kernels are the same for all three: they read and write through ld/st, which convert by
-the array's dtype (uint16 holds bf16 bits).
+the array's dtype (uint16 holds bf16 bits), and the memory-bound row kernels through
+ld4/st4, four values per access over a packed uint64 view (quads).
 
 In fp32 and tf32, attention never permutes q, k, v: pointer-array batched GEMMs (one
 matrix per (batch, head)) read them in place from the qkv rows and write the head outputs
@@ -57,11 +58,12 @@ plumbing too.
 """
 
 import math
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, float64
+from numba import cuda, float32, float64, int32
 
 import distributed
 import gpt2_common as common
@@ -84,9 +86,10 @@ RED_N = 1024 if SIM else 32            # shared scratch of the block reductions
 ELT_THREADS = 32 if SIM else 256       # elementwise grid-stride kernels
 ELT_MAX_BLOCKS = 2 if SIM else 132 * 16
 NORM_BLOCKS = 3 if SIM else 132 * 8
-CS_COLS = 8 if SIM else 32             # column-sum kernels: block = CS_COLS columns x CS_ROWS
-CS_ROWS = 2 if SIM else 8
-CS_CHUNK = 8 if SIM else 512           # rows per column-sum block (partials per chunk, then a fixed-order sum)
+CS_COLS = 2 if SIM else 16             # column sums: block = CS_COLS quads (4 columns each) x CS_ROWS
+CS_ROWS = 4 if SIM else 16             # (at least 4: the block's first 4 CS_COLS threads finish a column each)
+CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
+CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
 ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
 
 F0 = np.float32(0.0)
@@ -235,7 +238,7 @@ if SIM:  # plain functions (a simulated device function swaps module globals on 
     def st(arr, idx, v):
         arr[idx] = bf16_st(v) if arr.itemsize == 2 else v
 else:
-    from numba import int32, uint16, uint32
+    from numba import uint16, uint32
     from numba.cuda import libdevice
 
     @cuda.jit(device=True, inline=True)
@@ -265,27 +268,104 @@ else:
             arr[idx] = v
 
 
+# Packed access: the row kernels (layernorms and their backward, column sums, the
+# classifier, the GELU recompute) move four consecutive values per access through a uint64
+# view of shape (rows, columns / 4, words), made on the host by quads(): one 8-byte word
+# holds four bf16 (words = 1), two hold four float32 (words = 2). ld4 / st4 are ld / st for
+# such a quad: a lane's 8 or 16 bytes instead of 2 or 4, so that these memory-bound
+# kernels keep enough bytes in flight (with 2-byte bf16 loads they ran at a third of
+# the H200's bandwidth).
+
+if SIM:
+    def ld4(q, i, k):
+        if q.shape[2] == 1:
+            u = int(q[i, k, 0])
+            return (bf16_ld(u & 0xFFFF), bf16_ld((u >> 16) & 0xFFFF), bf16_ld((u >> 32) & 0xFFFF),
+                    bf16_ld(u >> 48))
+        f = np.array([q[i, k, 0], q[i, k, 1]], dtype=np.uint64).view(np.float32)
+        return f[0], f[1], f[2], f[3]
+
+    def st4(q, i, k, x0, x1, x2, x3):
+        if q.shape[2] == 1:
+            q[i, k, 0] = np.uint64(int(bf16_st(x0)) | int(bf16_st(x1)) << 16 | int(bf16_st(x2)) << 32 |
+                                   int(bf16_st(x3)) << 48)
+        else:
+            w = np.array([x0, x1, x2, x3], dtype=np.float32).view(np.uint64)
+            q[i, k, 0] = w[0]
+            q[i, k, 1] = w[1]
+else:
+    from numba import uint64
+
+    @cuda.jit(device=True, inline=True)
+    def f32_lo(w):
+        return libdevice.int_as_float(int32(w & uint64(0xFFFFFFFF)))
+
+    @cuda.jit(device=True, inline=True)
+    def f32_hi(w):
+        return libdevice.int_as_float(int32(w >> uint64(32)))
+
+    @cuda.jit(device=True, inline=True)
+    def f32_word(lo, hi):
+        return uint64(uint32(libdevice.float_as_int(lo))) | (uint64(uint32(libdevice.float_as_int(hi))) << uint64(32))
+
+    @cuda.jit(device=True, inline=True)
+    def ld4(q, i, k):
+        w = q[i, k, 0]
+        if q.shape[2] == 1:  # four bf16
+            return (bf16_ld(uint32(w & uint64(0xFFFF))), bf16_ld(uint32((w >> uint64(16)) & uint64(0xFFFF))),
+                    bf16_ld(uint32((w >> uint64(32)) & uint64(0xFFFF))), bf16_ld(uint32(w >> uint64(48))))
+        w1 = q[i, k, 1]
+        return f32_lo(w), f32_hi(w), f32_lo(w1), f32_hi(w1)
+
+    @cuda.jit(device=True, inline=True)
+    def st4(q, i, k, x0, x1, x2, x3):
+        if q.shape[2] == 1:
+            q[i, k, 0] = (uint64(bf16_st(x0)) | (uint64(bf16_st(x1)) << uint64(16)) |
+                          (uint64(bf16_st(x2)) << uint64(32)) | (uint64(bf16_st(x3)) << uint64(48)))
+        else:
+            q[i, k, 0] = f32_word(x0, x1)
+            q[i, k, 1] = f32_word(x2, x3)
+
+
+@cuda.jit(device=True)
+def pick4(x0, x1, x2, x3, r):
+    # value r (0..3) of a quad
+    if r == 0:
+        return x0
+    if r == 1:
+        return x1
+    return x2 if r == 2 else x3
+
+
 # -----------------------------------------------------------------------------
 # Kernels, forward
 
 
 @cuda.jit(device=True)
-def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols):
-    # the end of both layernorm kernels: this lane's partial sum s of row ii of x (the
-    # row that block row threadIdx.y owns) -> mean, rstd and ln[ii]; float32 statistics,
-    # as the CPU computes them
+def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, nq):
+    # the end of both layernorm kernels (quads, nq a row): this lane's partial sum s of
+    # row ii of x (the row that block row threadIdx.y owns) -> mean, rstd and ln[ii];
+    # float32 statistics, as the CPU computes them
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    C = x.shape[1]
-    m = warp_sum(s, sh, ty) / float32(C)
+    C = float32(4 * x.shape[1])
+    m = warp_sum(s, sh, ty) / C
     v = F0
-    for c in range(lane, ncols, LANES):
-        d = ld(x, (ii, c)) - m
-        v += d * d
-    v = warp_sum(v, sh, ty) / float32(C)
+    for k in range(lane, nq, LANES):
+        x0, x1, x2, x3 = ld4(x, ii, k)
+        x0 -= m
+        x1 -= m
+        x2 -= m
+        x3 -= m
+        v += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
+    v = warp_sum(v, sh, ty) / C
     rs = ONE / math.sqrt(v + EPS)
-    for c in range(lane, ncols, LANES):
-        st(ln, (ii, c), (ld(x, (ii, c)) - m) * rs * ld(w, c) + ld(b, c))
+    for k in range(lane, nq, LANES):
+        x0, x1, x2, x3 = ld4(x, ii, k)
+        w0, w1, w2, w3 = ld4(w, 0, k)
+        b0, b1, b2, b3 = ld4(b, 0, k)
+        st4(ln, ii, k, (x0 - m) * rs * w0 + b0, (x1 - m) * rs * w1 + b1, (x2 - m) * rs * w2 + b2,
+            (x3 - m) * rs * w3 + b3)
     if lane == 0 and i < N:
         mean[ii] = m
         rstd[ii] = rs
@@ -294,41 +374,47 @@ def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols):
 @cuda.jit(**JIT)
 def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     # encoded[i] = wte[token] + wpe[i % T], then ln = layernorm(encoded): one warp per row
+    # (all arrays quads)
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
-    N, C = encoded.shape
-    ncols = C if i < N else 0
+    N = encoded.shape[0]
+    nq = encoded.shape[1] if i < N else 0
     ii = i if i < N else 0
     tok = tokens[ii]
     t = ii % T
     s = F0
-    for c in range(lane, ncols, LANES):
-        st(encoded, (ii, c), ld(wte, (tok, c)) + ld(wpe, (t, c)))
-        s += ld(encoded, (ii, c))
-    layernorm_row(encoded, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
+    for k in range(lane, nq, LANES):
+        e0, e1, e2, e3 = ld4(wte, tok, k)
+        p0, p1, p2, p3 = ld4(wpe, t, k)
+        st4(encoded, ii, k, e0 + p0, e1 + p1, e2 + p2, e3 + p3)
+        x0, x1, x2, x3 = ld4(encoded, ii, k)  # as stored
+        s += (x0 + x1) + (x2 + x3)
+    layernorm_row(encoded, ln, mean, rstd, w, b, s, sh, i, ii, N, nq)
 
 
 @cuda.jit(**JIT)
 def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
     # mode 1: res = (res + bias) + prev (matmul output + bias + residual, in place), then
-    # ln = layernorm(res). mode 0: ln = layernorm(res) (prev and bias unused).
+    # ln = layernorm(res). mode 0: ln = layernorm(res) (prev and bias unused). Quads.
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
-    N, C = res.shape
-    ncols = C if i < N else 0
+    N = res.shape[0]
+    nq = res.shape[1] if i < N else 0
     ii = i if i < N else 0
     s = F0
-    for c in range(lane, ncols, LANES):
-        x = ld(res, (ii, c))
+    for k in range(lane, nq, LANES):
         if mode == 1:
-            st(res, (ii, c), (x + ld(bias, c)) + ld(prev, (ii, c)))
-            x = ld(res, (ii, c))
-        s += x
-    layernorm_row(res, ln, mean, rstd, w, b, s, sh, i, ii, N, ncols)
+            x0, x1, x2, x3 = ld4(res, ii, k)
+            c0, c1, c2, c3 = ld4(bias, 0, k)
+            p0, p1, p2, p3 = ld4(prev, ii, k)
+            st4(res, ii, k, (x0 + c0) + p0, (x1 + c1) + p1, (x2 + c2) + p2, (x3 + c3) + p3)
+        x0, x1, x2, x3 = ld4(res, ii, k)
+        s += (x0 + x1) + (x2 + x3)
+    layernorm_row(res, ln, mean, rstd, w, b, s, sh, i, ii, N, nq)
 
 
 @cuda.jit(**JIT)
@@ -352,18 +438,33 @@ def k_bias_gelu_forward(fch, fch_gelu, bias):
         for i in range(cuda.blockIdx.y, N, cuda.gridDim.y):
             x = fch[i, o] + bo
             fch[i, o] = x
-            u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-            fch_gelu[i, o] = HALF * x * (ONE + math.tanh(u))
+            fch_gelu[i, o] = gelu(x)
+
+
+@cuda.jit(device=True)
+def gelu(x):
+    # the tanh form, as the CPU's gelu_forward
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    return HALF * x * (ONE + math.tanh(u))
 
 
 @cuda.jit(**JIT)
 def k_gelu_forward(out, inp):
-    # out = gelu(inp) (tanh form), elementwise over flat arrays (the bf16 backward's
-    # recompute of the GELU output from the stored pre-activation)
-    for i in range(cuda.grid(1), inp.shape[0], cuda.gridsize(1)):
-        x = ld(inp, i)
-        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        st(out, i, HALF * x * (ONE + math.tanh(u)))
+    # out = gelu(inp), elementwise over flat quads (one row): the bf16 backward's recompute
+    # of the GELU output from the stored pre-activation. Two quads a thread per iteration
+    # (loads in flight).
+    n = inp.shape[1]
+    G = cuda.gridsize(1)
+    k = cuda.grid(1)
+    while k + G < n:
+        x0, x1, x2, x3 = ld4(inp, 0, k)
+        y0, y1, y2, y3 = ld4(inp, 0, k + G)
+        st4(out, 0, k, gelu(x0), gelu(x1), gelu(x2), gelu(x3))
+        st4(out, 0, k + G, gelu(y0), gelu(y1), gelu(y2), gelu(y3))
+        k += 2 * G
+    if k < n:
+        x0, x1, x2, x3 = ld4(inp, 0, k)
+        st4(out, 0, k, gelu(x0), gelu(x1), gelu(x2), gelu(x3))
 
 
 @cuda.jit(**JIT)
@@ -426,21 +527,38 @@ def k_softmax_forward(att, Tb):
 
 @cuda.jit(**JIT)
 def k_classifier_forward(losses, lse, logits, targets, V):
-    # one block per row: online max / sum of exp over the first V columns (one read),
-    # logsumexp kept for the backward; a target of -1 gives loss 0
+    # one block per row of the logits (quads): online max / sum of exp over the first V
+    # columns (one read), logsumexp kept for the backward; a target of -1 gives loss 0.
+    # (llm.c's fused classifier, this kernel then writing the row's dlogits while they are
+    # in cache, measured no faster on the H200: the second pass missed the cache.)
     sh = cuda.shared.array(RED_N, float32)
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
     m = NEG_INF
     s = F0
-    for j in range(tid, V, nt):
-        x = ld(logits, (row, j))
-        if x > m:
-            s = s * math.exp(m - x) + ONE
-            m = x
-        else:
-            s += math.exp(x - m)
+    nt = cuda.blockDim.x
+    nq = (V + 3) // 4
+    k = tid
+    while k < nq:  # two quads an iteration (loads in flight)
+        x0, x1, x2, x3 = ld4(logits, row, k)
+        y0 = y1 = y2 = y3 = NEG_INF
+        if k + nt < nq:
+            y0, y1, y2, y3 = ld4(logits, row, k + nt)
+        j = 4 * k
+        x1 = x1 if j + 1 < V else NEG_INF
+        x2 = x2 if j + 2 < V else NEG_INF
+        x3 = x3 if j + 3 < V else NEG_INF
+        j = 4 * (k + nt)
+        y1 = y1 if j + 1 < V else NEG_INF
+        y2 = y2 if j + 2 < V else NEG_INF
+        y3 = y3 if j + 3 < V else NEG_INF
+        mx = max(max(max(x0, x1), max(x2, x3)), max(max(y0, y1), max(y2, y3)))
+        if mx > m:
+            s = s * math.exp(m - mx)
+            m = mx
+        s += ((math.exp(x0 - m) + math.exp(x1 - m)) + (math.exp(x2 - m) + math.exp(x3 - m))) + \
+            ((math.exp(y0 - m) + math.exp(y1 - m)) + (math.exp(y2 - m) + math.exp(y3 - m)))
+        k += 2 * nt
     M = block_max(m, sh)
     s = s * math.exp(m - M) if s > F0 else F0
     S = block_sum(s, sh)
@@ -448,7 +566,11 @@ def k_classifier_forward(losses, lse, logits, targets, V):
         lv = M + math.log(S)
         lse[row] = lv
         tg = targets[row]
-        losses[row] = lv - ld(logits, (row, tg)) if tg >= 0 else F0
+        if tg >= 0:
+            x0, x1, x2, x3 = ld4(logits, row, tg // 4)
+            losses[row] = lv - pick4(x0, x1, x2, x3, tg % 4)
+        else:
+            losses[row] = F0
 
 
 @cuda.jit(**JIT)
@@ -473,119 +595,197 @@ def k_loss_reduce(stats, losses, targets):
 # Kernels, backward
 
 
+@cuda.jit(device=True)
+def classifier_grad(x, lv, dloss, j, tg, V):
+    # d loss / d logit j of a row with logsumexp lv and target tg: (softmax_j - [j == tg])
+    # * dloss; zero in the padding columns
+    if j >= V:
+        return F0
+    g = math.exp(x - lv) * dloss
+    if j == tg:
+        g -= dloss
+    return g
+
+
 @cuda.jit(**JIT)
 def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
-    # in place: logits become dlogits = (softmax - onehot) * dloss, dloss = loss_scale / #valid;
-    # padding columns and masked rows get zero. One pass over each row.
+    # in place: logits (quads) become dlogits = (softmax - onehot) * dloss, dloss =
+    # loss_scale / #valid; padding columns and masked rows get zero. One pass over each row.
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    Vp = logits.shape[1]
     cnt = stats[1]
     dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
     tg = targets[row]
+    if tg < 0:
+        dloss = F0
     lv = lse[row]
-    for j in range(tid, Vp, cuda.blockDim.x):
-        if tg < 0 or j >= V:
-            st(logits, (row, j), F0)
-        else:
-            g = math.exp(ld(logits, (row, j)) - lv) * dloss
-            if j == tg:
-                g -= dloss
-            st(logits, (row, j), g)
+    nt = cuda.blockDim.x
+    nq = logits.shape[1]
+    for k in range(tid, nq, 2 * nt):  # two quads an iteration (loads in flight)
+        x0, x1, x2, x3 = ld4(logits, row, k)
+        k2 = k + nt
+        if k2 < nq:
+            y0, y1, y2, y3 = ld4(logits, row, k2)
+            j = 4 * k2
+            st4(logits, row, k2, classifier_grad(y0, lv, dloss, j, tg, V),
+                classifier_grad(y1, lv, dloss, j + 1, tg, V), classifier_grad(y2, lv, dloss, j + 2, tg, V),
+                classifier_grad(y3, lv, dloss, j + 3, tg, V))
+        j = 4 * k
+        st4(logits, row, k, classifier_grad(x0, lv, dloss, j, tg, V), classifier_grad(x1, lv, dloss, j + 1, tg, V),
+            classifier_grad(x2, lv, dloss, j + 2, tg, V), classifier_grad(x3, lv, dloss, j + 3, tg, V))
 
 
 @cuda.jit(**JIT)
 def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow):
     # dinp (+)= layernorm input gradient; one warp per row, float32 row sums as the CPU;
     # with has_shadow, shadow = dinp too (the bf16 copy of a float32 residual gradient
-    # that the matmuls read)
+    # that the matmuls read). Quads.
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     i = cuda.blockIdx.x * ROWS + ty
-    N, C = inp.shape
-    ncols = C if i < N else 0
+    N = inp.shape[0]
+    nq = inp.shape[1] if i < N else 0
     ii = i if i < N else 0
     m = mean[ii]
     s = rstd[ii]
     a = F0
     bb = F0
-    for c in range(lane, ncols, LANES):
-        norm = (ld(inp, (ii, c)) - m) * s
-        dn = ld(w, c) * ld(dout, (ii, c))
-        a += dn
-        bb += dn * norm
-    a = warp_sum(a, sh, ty) / float32(C)
-    bb = warp_sum(bb, sh, ty) / float32(C)
-    for c in range(lane, ncols, LANES):
-        norm = (ld(inp, (ii, c)) - m) * s
-        dn = ld(w, c) * ld(dout, (ii, c))
-        val = (dn - a - norm * bb) * s
+    for k in range(lane, nq, LANES):
+        x0, x1, x2, x3 = ld4(inp, ii, k)
+        w0, w1, w2, w3 = ld4(w, 0, k)
+        d0, d1, d2, d3 = ld4(dout, ii, k)
+        g0 = w0 * d0
+        g1 = w1 * d1
+        g2 = w2 * d2
+        g3 = w3 * d3
+        a += (g0 + g1) + (g2 + g3)
+        bb += (g0 * ((x0 - m) * s) + g1 * ((x1 - m) * s)) + (g2 * ((x2 - m) * s) + g3 * ((x3 - m) * s))
+    C = float32(4 * inp.shape[1])
+    a = warp_sum(a, sh, ty) / C
+    bb = warp_sum(bb, sh, ty) / C
+    for k in range(lane, nq, LANES):
+        x0, x1, x2, x3 = ld4(inp, ii, k)
+        w0, w1, w2, w3 = ld4(w, 0, k)
+        d0, d1, d2, d3 = ld4(dout, ii, k)
+        v0 = (w0 * d0 - a - ((x0 - m) * s) * bb) * s
+        v1 = (w1 * d1 - a - ((x1 - m) * s) * bb) * s
+        v2 = (w2 * d2 - a - ((x2 - m) * s) * bb) * s
+        v3 = (w3 * d3 - a - ((x3 - m) * s) * bb) * s
         if not overwrite:
-            val += ld(dinp, (ii, c))
-        st(dinp, (ii, c), val)
+            o0, o1, o2, o3 = ld4(dinp, ii, k)
+            v0 += o0
+            v1 += o1
+            v2 += o2
+            v3 += o3
+        st4(dinp, ii, k, v0, v1, v2, v3)
         if has_shadow:
-            st(shadow, (ii, c), val)
+            st4(shadow, ii, k, v0, v1, v2, v3)
+
+
+@cuda.jit(device=True)
+def gelu_grad(x):
+    # d gelu(x) / dx, the tanh form, as the CPU's gelu_backward
+    th = math.tanh(GELU_SCALE * (x + GELU_CUBE * x * x * x))
+    return HALF * (ONE + th) + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + THREE * GELU_CUBE * x * x)
 
 
 @cuda.jit(**JIT)
-def k_colsum_partial(part, dout, aux, mean, rstd, mode, chunk):
-    # Column sums over a chunk of rows, written to part[0 / 1, chunk, column]: the bias
-    # gradient (mode 0); also the layernorm weight gradient sum((aux - mean) * rstd * dout)
-    # (mode 1); or first the GELU backward in place, dout = gelu'(aux) * dout (mode 2).
-    # Block: CS_COLS columns x CS_ROWS; a fixed-order sum, no atomics.
-    sh1 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
-    sh2 = cuda.shared.array((CS_ROWS, CS_COLS), float32)
+def k_colsum(out1, out2, part, count, dout, aux, mean, rstd, mode, chunk, accumulate):
+    # Column sums of dout (quads): out1 (+)= the bias gradient (mode 0); also out2 (+)=
+    # the layernorm weight gradient sum((aux - mean) * rstd * dout) (mode 1); or first the
+    # GELU backward in place, dout = gelu'(aux) * dout (mode 2). Block (x, y): CS_COLS
+    # quads x CS_ROWS threads over chunk y's rows, their sums into part[0 / 1, y, column];
+    # the last block of a column group to finish (count[x], reset after) adds the chunks'
+    # partials up. Fixed orders, no float atomics: deterministic. (The last block reads
+    # the partials others wrote once, through 128-byte lines no other column group
+    # shares: part's rows are padded to whole groups.)
+    sh = cuda.shared.array((2, CS_ROWS, CS_WIDTH), float32)
+    last = cuda.shared.array(1, int32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    N, OC = dout.shape
-    c = cuda.blockIdx.x * CS_COLS + tx
+    bx = cuda.blockIdx.x
+    N, NQ = dout.shape[0], dout.shape[1]
+    kq = bx * CS_COLS + tx
     r0 = cuda.blockIdx.y * chunk
     r1 = min(N, r0 + chunk)
-    a1 = F0
-    a2 = F0
-    if c < OC:
+    a0 = a1 = a2 = a3 = F0
+    e0 = e1 = e2 = e3 = F0
+    if kq < NQ and mode == 0:  # the bias gradient: two rows an iteration (loads in flight)
+        i = r0 + ty
+        while i + CS_ROWS < r1:
+            d0, d1, d2, d3 = ld4(dout, i, kq)
+            f0, f1, f2, f3 = ld4(dout, i + CS_ROWS, kq)
+            a0 += d0 + f0
+            a1 += d1 + f1
+            a2 += d2 + f2
+            a3 += d3 + f3
+            i += 2 * CS_ROWS
+        if i < r1:
+            d0, d1, d2, d3 = ld4(dout, i, kq)
+            a0 += d0
+            a1 += d1
+            a2 += d2
+            a3 += d3
+    elif kq < NQ:
         for i in range(r0 + ty, r1, CS_ROWS):
-            d = ld(dout, (i, c))
+            d0, d1, d2, d3 = ld4(dout, i, kq)
             if mode == 2:
-                x = ld(aux, (i, c))
-                u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-                th = math.tanh(u)
-                sech2 = ONE - th * th
-                local = HALF * (ONE + th) + HALF * x * sech2 * GELU_SCALE * (ONE + THREE * GELU_CUBE * x * x)
-                st(dout, (i, c), local * d)
-                d = ld(dout, (i, c))
-            elif mode == 1:
-                a2 += (ld(aux, (i, c)) - mean[i]) * rstd[i] * d
-            a1 += d
-    sh1[ty, tx] = a1
-    sh2[ty, tx] = a2
+                x0, x1, x2, x3 = ld4(aux, i, kq)
+                st4(dout, i, kq, gelu_grad(x0) * d0, gelu_grad(x1) * d1, gelu_grad(x2) * d2, gelu_grad(x3) * d3)
+                d0, d1, d2, d3 = ld4(dout, i, kq)
+            else:
+                x0, x1, x2, x3 = ld4(aux, i, kq)
+                mi = mean[i]
+                ri = rstd[i]
+                e0 += (x0 - mi) * ri * d0
+                e1 += (x1 - mi) * ri * d1
+                e2 += (x2 - mi) * ri * d2
+                e3 += (x3 - mi) * ri * d3
+            a0 += d0
+            a1 += d1
+            a2 += d2
+            a3 += d3
+    c = 4 * tx
+    sh[0, ty, c] = a0
+    sh[0, ty, c + 1] = a1
+    sh[0, ty, c + 2] = a2
+    sh[0, ty, c + 3] = a3
+    sh[1, ty, c] = e0
+    sh[1, ty, c + 1] = e1
+    sh[1, ty, c + 2] = e2
+    sh[1, ty, c + 3] = e3
     cuda.syncthreads()
-    if ty == 0 and c < OC:
-        t1 = sh1[0, tx]
-        t2 = sh2[0, tx]
-        for k in range(1, CS_ROWS):
-            t1 += sh1[k, tx]
-            t2 += sh2[k, tx]
-        part[0, cuda.blockIdx.y, c] = t1
+    # thread (tx, ty) of the block's first 4 CS_COLS threads: column col of the group
+    t = ty * CS_COLS + tx
+    col = bx * CS_WIDTH + t
+    mine = t < CS_WIDTH and col < 4 * NQ
+    if mine:
+        t1 = sh[0, 0, t]
+        t2 = sh[1, 0, t]
+        for r in range(1, CS_ROWS):
+            t1 += sh[0, r, t]
+            t2 += sh[1, r, t]
+        part[0, cuda.blockIdx.y, col] = t1
         if mode == 1:
-            part[1, cuda.blockIdx.y, c] = t2
-
-
-@cuda.jit(**JIT)
-def k_colsum_finalize(out1, out2, part, nchunks, accumulate, two):
-    # out1 (+)= sum over chunks of part[0]; with two, out2 (+)= sum of part[1]
-    c = cuda.grid(1)
-    if c < out1.shape[0]:
-        s = part[0, 0, c]
-        for k in range(1, nchunks):
-            s += part[0, k, c]
-        out1[c] = out1[c] + s if accumulate else s
-        if two:
-            s2 = part[1, 0, c]
-            for k in range(1, nchunks):
-                s2 += part[1, k, c]
-            out2[c] = out2[c] + s2 if accumulate else s2
+            part[1, cuda.blockIdx.y, col] = t2
+        cuda.threadfence()
+    cuda.syncthreads()
+    if tx == 0 and ty == 0:
+        last[0] = 1 if cuda.atomic.add(count, bx, 1) == cuda.gridDim.y - 1 else 0
+    cuda.syncthreads()
+    if last[0] == 1 and mine:
+        t1 = part[0, 0, col]
+        t2 = part[1, 0, col] if mode == 1 else F0
+        for y in range(1, cuda.gridDim.y):
+            t1 += part[0, y, col]
+            if mode == 1:
+                t2 += part[1, y, col]
+        out1[col] = out1[col] + t1 if accumulate else t1
+        if mode == 1:
+            out2[col] = out2[col] + t2 if accumulate else t2
+        if t == 0:
+            count[bx] = 0
 
 
 @cuda.jit(**JIT)
@@ -693,10 +893,21 @@ def k_norm_finalize(normbuf, part, grad_clip):
         normbuf[1] = grad_clip / (norm + 1e-6) if grad_clip > 0.0 and norm > grad_clip else 1.0
 
 
+@cuda.jit(device=True)
+def adamw_one(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, wd):
+    # one parameter's AdamW step (g already clipped): the new p, m, v
+    m = beta1 * m + (ONE - beta1) * g
+    v = beta2 * v + (ONE - beta2) * g * g
+    return p - lr * ((m / bc1) / (math.sqrt(v / bc2) + eps) + wd * p), m, v
+
+
 @cuda.jit(**JIT)
-def k_adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
-    # cpu.adamw_update, elementwise, with the clip scale and hyperparameters read on the
-    # device; the weight decay of element i is that of the first group whose end is > i
+def k_adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay, params16, has16):
+    # cpu.adamw_update over flat quads (the decay groups start at multiples of 4), with the
+    # clip scale and hyperparameters read on the device; the weight decay of element i is
+    # that of the first group whose end is > i (i only grows: the search goes on from the
+    # last group). With has16, params16 = the new parameters rounded to bf16 (the next
+    # step's weights), in the same pass.
     scale = float32(normbuf[1])
     lr = hyper[0]
     beta1 = hyper[1]
@@ -704,19 +915,24 @@ def k_adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
     eps = hyper[3]
     bc1 = hyper[4]
     bc2 = hyper[5]
-    for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
-        k = 0
-        while i >= group_end[k]:
+    k = 0
+    for q in range(cuda.grid(1), params.shape[1], cuda.gridsize(1)):
+        while 4 * q >= group_end[k]:
             k += 1
         wd = group_decay[k]
-        g = grads[i] * scale
-        mi = beta1 * m[i] + (ONE - beta1) * g
-        vi = beta2 * v[i] + (ONE - beta2) * g * g
-        m[i] = mi
-        v[i] = vi
-        m_hat = mi / bc1
-        v_hat = vi / bc2
-        params[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + wd * params[i])
+        p0, p1, p2, p3 = ld4(params, 0, q)
+        g0, g1, g2, g3 = ld4(grads, 0, q)
+        m0, m1, m2, m3 = ld4(m, 0, q)
+        v0, v1, v2, v3 = ld4(v, 0, q)
+        p0, m0, v0 = adamw_one(p0, g0 * scale, m0, v0, lr, beta1, beta2, eps, bc1, bc2, wd)
+        p1, m1, v1 = adamw_one(p1, g1 * scale, m1, v1, lr, beta1, beta2, eps, bc1, bc2, wd)
+        p2, m2, v2 = adamw_one(p2, g2 * scale, m2, v2, lr, beta1, beta2, eps, bc1, bc2, wd)
+        p3, m3, v3 = adamw_one(p3, g3 * scale, m3, v3, lr, beta1, beta2, eps, bc1, bc2, wd)
+        st4(params, 0, q, p0, p1, p2, p3)
+        st4(m, 0, q, m0, m1, m2, m3)
+        st4(v, 0, q, v0, v1, v2, v3)
+        if has16:
+            st4(params16, 0, q, p0, p1, p2, p3)
 
 
 @cuda.jit(**JIT)
@@ -750,6 +966,40 @@ def _launch(kernel, grid, block):
     return cfg
 
 
+_views = {}  # (id(array), kind) -> (weak reference to the array, the view), dropped with the array
+
+
+def _view(arr, kind, make):
+    """make(arr), made once per array: the launchers' views cost no Python per launch."""
+    key = (id(arr), kind)
+    hit = _views.get(key)
+    if hit is not None and hit[0]() is arr:
+        return hit[1]
+    view = make(arr)
+    _views[key] = (weakref.ref(arr), view)
+    weakref.finalize(arr, _views.pop, key, None)
+    return view
+
+
+def _make_quads(arr):
+    cols = arr.shape[arr.ndim - 1]  # (the simulator's shapes take no negative index)
+    rows = arr.size // cols
+    assert cols % 4 == 0 and arr.dtype in (np.float32, np.uint16), (arr.shape, arr.dtype)
+    return arr.reshape(rows, cols).view(np.uint64).reshape(rows, cols // 4, 1 if arr.dtype == np.uint16 else 2)
+
+
+def quads(arr):
+    """The packed view that ld4 / st4 read (see there) of a contiguous float32 or bf16
+    (uint16) array whose last axis (or size, for vectors) is a multiple of 4: uint64 of
+    shape (rows, columns / 4, 1 for bf16 or 2 for float32); vectors are one row."""
+    return _view(arr, "quads", _make_quads)
+
+
+def flat_quads(arr):
+    """quads of arr as one row (elementwise kernels)."""
+    return _view(arr, "flat quads", lambda x: _make_quads(x.reshape(x.size)))
+
+
 def _elt_grid(n):
     return min(ELT_MAX_BLOCKS, max(1, (n + ELT_THREADS - 1) // ELT_THREADS))
 
@@ -762,7 +1012,7 @@ def fill(x, value=0.0):
 def encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
     N = encoded.shape[0]
     _launch(k_encoder_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
-        encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T)
+        quads(encoded), quads(ln), mean, rstd, tokens, quads(wte), quads(wpe), quads(w), quads(b), T)
 
 
 def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
@@ -773,12 +1023,12 @@ def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
     prev = res if prev is None else prev
     bias = w if bias is None else bias
     _launch(k_residual_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
-        res, prev, bias, ln, mean, rstd, w, b, mode)
+        quads(res), quads(prev), quads(bias), quads(ln), mean, rstd, quads(w), quads(b), mode)
 
 
 def gelu_forward(out, inp):
-    """out = gelu(inp), elementwise (any shape, both contiguous)."""
-    _launch(k_gelu_forward, _elt_grid(inp.size), ELT_THREADS)(out.reshape(out.size), inp.reshape(inp.size))
+    """out = gelu(inp), elementwise (the same shape, contiguous, sizes multiples of 4)."""
+    _launch(k_gelu_forward, _elt_grid(inp.size // 8), ELT_THREADS)(flat_quads(out), flat_quads(inp))
 
 
 def store(dst, src):
@@ -809,7 +1059,7 @@ def softmax_backward(datt3, att3, Tb, scale):
 
 
 def classifier_forward(losses, lse, logits, targets, V):
-    _launch(k_classifier_forward, logits.shape[0], CE_THREADS)(losses, lse, logits, targets, V)
+    _launch(k_classifier_forward, logits.shape[0], CE_THREADS)(losses, lse, quads(logits), targets, V)
 
 
 def loss_reduce(stats, losses, targets):
@@ -817,29 +1067,42 @@ def loss_reduce(stats, losses, targets):
 
 
 def classifier_backward(logits, lse, targets, V, stats, loss_scale):
-    _launch(k_classifier_backward, logits.shape[0], CE_THREADS)(logits, lse, targets, V, stats, float(loss_scale))
+    _launch(k_classifier_backward, logits.shape[0], CE_THREADS)(quads(logits), lse, targets, V, stats,
+                                                                 float(loss_scale))
 
 
 def layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow=None):
     N = inp.shape[0]
     _launch(k_layernorm_backward_dinp, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
-        dinp, dout, inp, w, mean, rstd, int(overwrite), dinp if shadow is None else shadow, int(shadow is not None))
+        quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
+        quads(dinp if shadow is None else shadow), int(shadow is not None))
 
 
-def colsum(part, out1, dout, accumulate, out2=None, aux=None, mean=None, rstd=None, mode=0):
+def colsum_scratch(N, OC):
+    """k_colsum's scratch for up to N rows and OC columns: the partial sums (rows padded
+    to whole column groups) and the column groups' block counters (zero between calls)."""
+    groups = (OC // 4 + CS_COLS - 1) // CS_COLS
+    nchunks = (N + CS_CHUNK - 1) // CS_CHUNK
+    part = _alloc(2 * nchunks * groups * CS_WIDTH).reshape(2, nchunks, groups * CS_WIDTH)
+    count = cuda.to_device(np.zeros(groups, dtype=np.int32))
+    return SimpleNamespace(part=part, count=count)
+
+
+def colsum(scratch, out1, dout, accumulate, out2=None, aux=None, mean=None, rstd=None, mode=0):
     """out1 (+)= column sums of dout (mode 0: bias gradient); mode 1 also out2 (+)= the
-    layernorm weight gradient; mode 2 first applies the GELU backward to dout in place."""
+    layernorm weight gradient; mode 2 first applies the GELU backward to dout in place.
+    scratch: colsum_scratch's."""
     N, OC = dout.shape
     nchunks = (N + CS_CHUNK - 1) // CS_CHUNK
-    assert nchunks <= part.shape[1] and OC <= part.shape[2]
+    groups = (OC // 4 + CS_COLS - 1) // CS_COLS
+    assert nchunks <= scratch.part.shape[1] and groups <= scratch.count.shape[0]
     aux = dout if aux is None else aux
     mean = out1 if mean is None else mean
     rstd = out1 if rstd is None else rstd
-    grid = ((OC + CS_COLS - 1) // CS_COLS, nchunks)
-    _launch(k_colsum_partial, grid, (CS_COLS, CS_ROWS))(part, dout, aux, mean, rstd, mode, CS_CHUNK)
     out2 = out1 if out2 is None else out2
-    _launch(k_colsum_finalize, (OC + ELT_THREADS - 1) // ELT_THREADS, ELT_THREADS)(
-        out1, out2, part, nchunks, int(accumulate), int(mode == 1))
+    _launch(k_colsum, (groups, nchunks), (CS_COLS, CS_ROWS))(
+        out1, out2, scratch.part, scratch.count, quads(dout), quads(aux), mean, rstd, mode, CS_CHUNK,
+        int(accumulate))
 
 
 def encoder_backward_wpe(dwpe, dout, B, T, accumulate):
@@ -861,10 +1124,13 @@ def global_norm(normbuf, part, grads, grad_clip, dist=None):
     _launch(k_norm_finalize, 1, RED_THREADS)(normbuf, part, float(grad_clip))
 
 
-def adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay):
+def adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay, params16=None):
     """hyper: device float32 [lr, beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t] (read on the
-    device, so a captured update replays with the step's values)."""
-    _launch(k_adamw, _elt_grid(params.size), ELT_THREADS)(params, grads, m, v, normbuf, hyper, group_end, group_decay)
+    device, so a captured update replays with the step's values); params16: a bf16 copy
+    of params to refresh in the same pass."""
+    _launch(k_adamw, _elt_grid(params.size // 4), ELT_THREADS)(
+        flat_quads(params), flat_quads(grads), flat_quads(m), flat_quads(v), normbuf, hyper, group_end, group_decay,
+        flat_quads(params if params16 is None else params16), int(params16 is not None))
 
 
 def encoder_buckets(tokens):
@@ -1092,6 +1358,8 @@ class Lt:
         C's type) added; with gelu_aux, C = gelu(pre) and pre (bf16, like C) stored at
         gelu_aux; with dgelu_aux, C = (op(A) @ op(B)) * gelu'(pre at dgelu_aux). In
         cuBLAS's column-major terms: C^T = op(B)^T @ op(A)^T."""
+        if gelu_aux and (tA, tB) != (False, True):  # the fc layer's form; others measured wrong (fuses_gelu)
+            raise ValueError("the bias + GELU epilogue takes only untransposed A and transposed B")
         if SIM:
             return self._emulate(tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add or (C if accumulate else 0), bias,
                                  gelu_aux, dgelu_aux, out_fp32)
@@ -1293,6 +1561,9 @@ def _check_shape(cfg, B, T):
         raise common.UserError(f"bad batch shape B={B}, T={T} (max_seq_len={cfg.max_seq_len})")
     if cfg.channels % cfg.num_heads:
         raise ValueError(f"channels {cfg.channels} not divisible by heads {cfg.num_heads}")
+    if cfg.channels % 4 or cfg.padded_vocab_size % 4:  # the row kernels' packed access (quads)
+        raise common.UserError(f"the GPU needs channels and padded vocab size that are multiples of 4, not "
+                               f"{cfg.channels} and {cfg.padded_vocab_size}")
 
 
 def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
@@ -1306,7 +1577,7 @@ def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
     BT, C = B * T, cfg.channels
     pshapes = common.parameter_shapes(cfg)
     n = dm.num_parameters
-    dm.shard_size = distributed.shard_size(n, shards)
+    dm.shard_size = -(-distributed.shard_size(n, shards) // 4) * 4  # whole quads (k_adamw)
     dm.params_padded, dm.grads_padded = _alloc(dm.shard_size * shards), _alloc(dm.shard_size * shards)
     dm.params_memory, dm.grads_memory = dm.params_padded[:n], dm.grads_padded[:n]
     moments = dm.shard_size if shard_optimizer else n
@@ -1320,8 +1591,7 @@ def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
     dm.G = SimpleNamespace(**{name: _per_layer(getattr(dm.grads, name), cfg.num_layers) for name in LAYER_PARAMETERS})
 
     # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
-    nchunks = (BT + CS_CHUNK - 1) // CS_CHUNK
-    dm.colsum_part = _alloc(2 * nchunks * 4 * C).reshape(2, nchunks, 4 * C)
+    dm.colsum_scratch = colsum_scratch(BT, 4 * C)
     dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
     dm.normbuf = cuda.device_array(2, dtype=np.float64)
     dm.stats = cuda.device_array(2, dtype=np.float64)
@@ -1616,7 +1886,7 @@ def gpt2_backward_cuda(dm, accumulate, loss_scale):
     blas.set_tf32(dm.tf32)
     p, g, a, d = dm.params, dm.grads, dm.acts, dm.dacts
     P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
-    part = dm.colsum_part
+    cs = dm.colsum_scratch
     beta = 1.0 if accumulate else 0.0
 
     classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
@@ -1625,30 +1895,30 @@ def gpt2_backward_cuda(dm, accumulate, loss_scale):
     blas.gemm(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, beta=beta)
     last_residual = A.residual3[L - 1] if L > 0 else a.encoded
     layernorm_backward_dinp(d.dresidual, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True)
-    colsum(part, g.lnfb, d.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+    colsum(cs, g.lnfb, d.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
 
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        colsum(part, G.fcprojb[l], d.dresidual, accumulate)
+        colsum(cs, G.fcprojb[l], d.dresidual, accumulate)
         blas.gemm(False, False, BT, 4 * C, C, ad.dresidual, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C)
         blas.gemm(True, False, C, 4 * C, BT, ad.dresidual, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C, beta=beta)
-        colsum(part, G.fcb[l], d.d4C, accumulate, aux=A.fch[l], mode=2)  # GELU backward in place + fc bias
+        colsum(cs, G.fcb[l], d.d4C, accumulate, aux=A.fch[l], mode=2)  # GELU backward in place + fc bias
         blas.gemm(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
         blas.gemm(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, beta=beta)
         layernorm_backward_dinp(d.dresidual, d.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False)
-        colsum(part, G.ln2b[l], d.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
+        colsum(cs, G.ln2b[l], d.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
                rstd=A.ln2_rstd[l], mode=1)
         # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        colsum(part, G.attprojb[l], d.dresidual, accumulate)
+        colsum(cs, G.attprojb[l], d.dresidual, accumulate)
         blas.gemm(False, False, BT, C, C, ad.dresidual, C, ad.attprojw[l], C, ad.dC, C)
         blas.gemm(True, False, C, C, BT, ad.dresidual, C, ad.atty[l], C, ad.gattprojw[l], C, beta=beta)
         attention_backward(dm, l)
-        colsum(part, G.qkvb[l], d.d3C, accumulate)
+        colsum(cs, G.qkvb[l], d.d3C, accumulate)
         blas.gemm(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         blas.gemm(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, beta=beta)
         layernorm_backward_dinp(d.dresidual, d.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False)
-        colsum(part, G.ln1b[l], d.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
+        colsum(cs, G.ln1b[l], d.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
                rstd=A.ln1_rstd[l], mode=1)
     encoder_backward_wte(g.wte, d.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
     encoder_backward_wpe(g.wpe, d.dresidual, B, T, accumulate)
@@ -1699,11 +1969,12 @@ def update_on_device(dm, grad_clip, dist=None):
             dist.allreduce_sum_device(dm.grads_padded)
         params, grads = dm.params_memory, dm.grads_memory
     global_norm(dm.normbuf, dm.norm_part, grads, grad_clip, dist if sharded else None)
-    adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end, dm.group_decay)
+    params16 = dm.params16_memory if dm.params16_padded is not None and not sharded else None
+    adamw(params, grads, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end, dm.group_decay, params16)
     if sharded:
         dist.allgather_device(dm.params_padded)
-    if dm.params16_padded is not None:
-        store(dm.params16_padded, dm.params_padded)
+        if dm.params16_padded is not None:
+            store(dm.params16_padded, dm.params_padded)
     return dm.normbuf[0:1]
 
 
@@ -1737,9 +2008,10 @@ def bf16_activation_shapes(cfg, B, T, recompute_gelu=True):
 
 def fuses_gelu(BT, C):
     """Whether the fc layer's bias + GELU runs as cuBLASLt's epilogue: on GPT-2-like
-    shapes only. At a small ragged shape (24 x 40 x 56, this product's transposes) the
-    epilogue returned wrong values on an H200 (dev/cuda_check.py bf16), so other shapes
-    take the bias epilogue and our GELU kernel."""
+    shapes only. At a small ragged shape (24 x 40 x 56) the epilogue returned wrong
+    values on an H200 (dev/cuda_check.py bf16), as it did at 64 x 128 x 64 with A
+    transposed (which Lt.matmul refuses), so other shapes take the bias epilogue and our
+    GELU kernel."""
     return BT % 64 == 0 and C % 64 == 0
 
 
@@ -1765,7 +2037,8 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
     dm.params16_padded = _alloc(dm.params_padded.size, np.uint16)
     store(dm.params16_padded, dm.params_padded)
-    dm.params16 = common.slice_views(dm.params16_padded[:dm.num_parameters], common.parameter_shapes(cfg))
+    dm.params16_memory = dm.params16_padded[:dm.num_parameters]
+    dm.params16 = common.slice_views(dm.params16_memory, common.parameter_shapes(cfg))
     dm.P = SimpleNamespace(**{name: _per_layer(getattr(dm.params, name), L) for name in LAYER_PARAMETERS})
 
     bf16, f32 = bf16_activation_shapes(cfg, B, T, recompute_gelu)
@@ -1843,45 +2116,45 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
-    part = dm.colsum_part
+    cs = dm.colsum_scratch
 
     classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
     lt.matmul(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
     lt.matmul(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, out_fp32=True, accumulate=accumulate)
     last_residual = A.residual3[L - 1] if L > 0 else a.encoded
     layernorm_backward_dinp(a.dresidual, a.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, a.dresidual16)
-    colsum(part, g.lnfb, a.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+    colsum(cs, g.lnfb, a.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        colsum(part, G.fcprojb[l], a.dresidual, accumulate)
+        colsum(cs, G.fcprojb[l], a.dresidual, accumulate)
         if dm.recompute_gelu:
             gelu_forward(A.fch_gelu[l], A.fch[l])
         lt.matmul(True, False, C, 4 * C, BT, ad.dresidual16, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C,
                   out_fp32=True, accumulate=accumulate)
         lt.matmul(False, False, BT, 4 * C, C, ad.dresidual16, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C,
                   dgelu_aux=ad.fch[l])
-        colsum(part, G.fcb[l], a.d4C, accumulate)
+        colsum(cs, G.fcb[l], a.d4C, accumulate)
         lt.matmul(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
         lt.matmul(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, out_fp32=True,
                   accumulate=accumulate)
         layernorm_backward_dinp(a.dresidual, a.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
                                 a.dresidual16)
-        colsum(part, G.ln2b[l], a.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
+        colsum(cs, G.ln2b[l], a.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
                rstd=A.ln2_rstd[l], mode=1)
         # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        colsum(part, G.attprojb[l], a.dresidual, accumulate)
+        colsum(cs, G.attprojb[l], a.dresidual, accumulate)
         lt.matmul(False, False, BT, C, C, ad.dresidual16, C, ad.attprojw[l], C, ad.dC, C)
         lt.matmul(True, False, C, C, BT, ad.dresidual16, C, ad.atty[l], C, ad.gattprojw[l], C, out_fp32=True,
                   accumulate=accumulate)
         dm.attention.backward(ad.qkv[l], ad.atty[l], ad.dC, dm.att_stats[l], ad.d3C)
-        colsum(part, G.qkvb[l], a.d3C, accumulate)
+        colsum(cs, G.qkvb[l], a.d3C, accumulate)
         lt.matmul(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         lt.matmul(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, out_fp32=True,
                   accumulate=accumulate)
         layernorm_backward_dinp(a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
                                 a.dresidual16)
-        colsum(part, G.ln1b[l], a.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
+        colsum(cs, G.ln1b[l], a.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
                rstd=A.ln1_rstd[l], mode=1)
     encoder_backward_wte(g.wte, a.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
     encoder_backward_wpe(g.wpe, a.dresidual, B, T, accumulate)
