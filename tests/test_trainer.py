@@ -1101,6 +1101,19 @@ def test_bad_flags_give_a_one_line_error(files, tmp_path, case, fragment, code):
     assert_one_line_error(proc, fragment)
 
 
+def test_gpu_needs_channels_and_padded_vocab_divisible_by_4(files, tmp_path):
+    """The GPU's row kernels move four values per access: a model whose padded vocab (or
+    channels) is not a multiple of 4 is refused in one line (run under the CUDA simulator:
+    CI has no GPU)."""
+    model = common.gpt2_init_random(common.GPT2Config(**dict(CFG, padded_vocab_size=66)), seed=3)
+    odd = tmp_path / "odd_vocab.bin"
+    common.write_checkpoint(model, str(odd))
+    proc = run_train(base_args(files, **{"-e": odd, "-x": 1, "--device": "cuda", "--precision": "fp32"}), tmp_path,
+                     NUMBA_ENABLE_CUDASIM=1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert_one_line_error(proc, "multiples of 4, not 32 and 66")
+
+
 # -----------------------------------------------------------------------------
 # Datasets: prepro --input output trains
 
