@@ -89,6 +89,8 @@ NORM_BLOCKS = 3 if SIM else 132 * 8
 CS_COLS = 2 if SIM else 16             # column sums: block = CS_COLS quads (4 columns each) x CS_ROWS
 CS_ROWS = 4 if SIM else 16             # (at least 4: the block's first 4 CS_COLS threads finish a column each)
 CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
+LNB_BLOCKS = 3 if SIM else 132 * 4     # layernorm backward: blocks (rows strided over them; a partial sum each)
+LNB_SHARED_BYTES = 48 << 10            # ... its column sums' shared memory: warps = this / (3 C floats)
 CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
 ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
 
@@ -636,51 +638,90 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
 
 
 @cuda.jit(**JIT)
-def k_layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow):
-    # dinp (+)= layernorm input gradient; one warp per row, float32 row sums as the CPU;
-    # with has_shadow, shadow = dinp too (the bf16 copy of a float32 residual gradient
-    # that the matmuls read). Quads.
-    sh = cuda.shared.array((ROWS, LANES), float32)
+def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow, part):
+    # dinp (+)= the layernorm input gradient, one warp per row (rows strided over the grid),
+    # float32 row sums as the CPU; with has_shadow, shadow = dinp too (the bf16 copy of a
+    # float32 residual gradient that the matmuls read). Quads. On the way, the block's
+    # column sums go to part[block, :] = [sum dout * norm (the weight gradient) | sum dout
+    # (the bias gradient) | sum of the new dinp (the bias gradient of the matmul whose
+    # output this layernorm read)]: each warp adds its rows into its own slice of shared
+    # memory (a lane owns its columns: no races), then the warps are added in order, so
+    # the result is deterministic; colsum (mode 2) adds the blocks up. The weight and bias
+    # gradients thus cost no second read of dout and inp.
+    sh = cuda.shared.array((ROWS, LANES), float32)   # warp sums under the simulator
+    acc = cuda.shared.array(0, float32)               # dynamic: (warps, 3, C)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    i = cuda.blockIdx.x * ROWS + ty
+    W = cuda.blockDim.y
     N = inp.shape[0]
-    nq = inp.shape[1] if i < N else 0
-    ii = i if i < N else 0
-    m = mean[ii]
-    s = rstd[ii]
-    a = F0
-    bb = F0
-    for k in range(lane, nq, LANES):
-        x0, x1, x2, x3 = ld4(inp, ii, k)
-        w0, w1, w2, w3 = ld4(w, 0, k)
-        d0, d1, d2, d3 = ld4(dout, ii, k)
-        g0 = w0 * d0
-        g1 = w1 * d1
-        g2 = w2 * d2
-        g3 = w3 * d3
-        a += (g0 + g1) + (g2 + g3)
-        bb += (g0 * ((x0 - m) * s) + g1 * ((x1 - m) * s)) + (g2 * ((x2 - m) * s) + g3 * ((x3 - m) * s))
-    C = float32(4 * inp.shape[1])
-    a = warp_sum(a, sh, ty) / C
-    bb = warp_sum(bb, sh, ty) / C
-    for k in range(lane, nq, LANES):
-        x0, x1, x2, x3 = ld4(inp, ii, k)
-        w0, w1, w2, w3 = ld4(w, 0, k)
-        d0, d1, d2, d3 = ld4(dout, ii, k)
-        v0 = (w0 * d0 - a - ((x0 - m) * s) * bb) * s
-        v1 = (w1 * d1 - a - ((x1 - m) * s) * bb) * s
-        v2 = (w2 * d2 - a - ((x2 - m) * s) * bb) * s
-        v3 = (w3 * d3 - a - ((x3 - m) * s) * bb) * s
-        if not overwrite:
-            o0, o1, o2, o3 = ld4(dinp, ii, k)
-            v0 += o0
-            v1 += o1
-            v2 += o2
-            v3 += o3
-        st4(dinp, ii, k, v0, v1, v2, v3)
-        if has_shadow:
-            st4(shadow, ii, k, v0, v1, v2, v3)
+    nq = inp.shape[1]
+    C = 4 * nq
+    Cf = float32(C)
+    base = ty * 3 * C
+    for c in range(lane, 3 * C, LANES):
+        acc[base + c] = F0
+    for i0 in range(cuda.blockIdx.x * W, N, cuda.gridDim.x * W):  # block-uniform (the simulator's warp sums sync)
+        i = i0 + ty
+        ii = i if i < N else 0
+        nk = nq if i < N else 0
+        m = mean[ii]
+        s = rstd[ii]
+        a = F0
+        bb = F0
+        for k in range(lane, nk, LANES):
+            x0, x1, x2, x3 = ld4(inp, ii, k)
+            w0, w1, w2, w3 = ld4(w, 0, k)
+            d0, d1, d2, d3 = ld4(dout, ii, k)
+            g0 = w0 * d0
+            g1 = w1 * d1
+            g2 = w2 * d2
+            g3 = w3 * d3
+            a += (g0 + g1) + (g2 + g3)
+            bb += (g0 * ((x0 - m) * s) + g1 * ((x1 - m) * s)) + (g2 * ((x2 - m) * s) + g3 * ((x3 - m) * s))
+        a = warp_sum(a, sh, ty) / Cf
+        bb = warp_sum(bb, sh, ty) / Cf
+        for k in range(lane, nk, LANES):
+            x0, x1, x2, x3 = ld4(inp, ii, k)
+            w0, w1, w2, w3 = ld4(w, 0, k)
+            d0, d1, d2, d3 = ld4(dout, ii, k)
+            n0 = (x0 - m) * s
+            n1 = (x1 - m) * s
+            n2 = (x2 - m) * s
+            n3 = (x3 - m) * s
+            v0 = (w0 * d0 - a - n0 * bb) * s
+            v1 = (w1 * d1 - a - n1 * bb) * s
+            v2 = (w2 * d2 - a - n2 * bb) * s
+            v3 = (w3 * d3 - a - n3 * bb) * s
+            if not overwrite:
+                o0, o1, o2, o3 = ld4(dinp, ii, k)
+                v0 += o0
+                v1 += o1
+                v2 += o2
+                v3 += o3
+            st4(dinp, ii, k, v0, v1, v2, v3)
+            if has_shadow:
+                st4(shadow, ii, k, v0, v1, v2, v3)
+            c = base + 4 * k
+            acc[c] += d0 * n0
+            acc[c + 1] += d1 * n1
+            acc[c + 2] += d2 * n2
+            acc[c + 3] += d3 * n3
+            c += C
+            acc[c] += d0
+            acc[c + 1] += d1
+            acc[c + 2] += d2
+            acc[c + 3] += d3
+            c += C
+            acc[c] += v0
+            acc[c + 1] += v1
+            acc[c + 2] += v2
+            acc[c + 3] += v3
+    cuda.syncthreads()
+    for c in range(ty * LANES + lane, 3 * C, W * LANES):
+        tot = acc[c]
+        for r in range(1, W):
+            tot += acc[r * 3 * C + c]
+        part[cuda.blockIdx.x, c] = tot
 
 
 @cuda.jit(device=True)
@@ -691,16 +732,17 @@ def gelu_grad(x):
 
 
 @cuda.jit(**JIT)
-def k_colsum(out1, out2, part, count, dout, aux, mean, rstd, mode, chunk, accumulate):
-    # Column sums of dout (quads): out1 (+)= the bias gradient (mode 0); also out2 (+)=
-    # the layernorm weight gradient sum((aux - mean) * rstd * dout) (mode 1); or first the
-    # GELU backward in place, dout = gelu'(aux) * dout (mode 2). Block (x, y): CS_COLS
-    # quads x CS_ROWS threads over chunk y's rows, their sums into part[0 / 1, y, column];
-    # the last block of a column group to finish (count[x], reset after) adds the chunks'
-    # partials up. Fixed orders, no float atomics: deterministic. (The last block reads
-    # the partials others wrote once, through 128-byte lines no other column group
-    # shares: part's rows are padded to whole groups.)
-    sh = cuda.shared.array((2, CS_ROWS, CS_WIDTH), float32)
+def k_colsum(out1, out2, out3, split, part, count, dout, aux, mode, chunk, accumulate):
+    # Column sums of dout (quads) into out1 (+=, with accumulate): the bias gradient (mode
+    # 0); first the GELU backward in place, dout = gelu'(aux) * dout (mode 1); or (mode 2)
+    # the sums of columns [0, split), [split, 2 split), [2 split, 3 split) into out1, out2,
+    # out3 (the layernorm backward's per-block partials). Block (x, y): CS_COLS quads x
+    # CS_ROWS threads over chunk y's rows, their sums into part[y, column]; the last block
+    # of a column group to finish (count[x], reset after) adds the chunks' partials up.
+    # Fixed orders, no float atomics: deterministic. (The last block reads the partials
+    # others wrote once, through 128-byte lines no other column group shares: part's rows
+    # are padded to whole groups.)
+    sh = cuda.shared.array((CS_ROWS, CS_WIDTH), float32)
     last = cuda.shared.array(1, int32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -710,8 +752,7 @@ def k_colsum(out1, out2, part, count, dout, aux, mean, rstd, mode, chunk, accumu
     r0 = cuda.blockIdx.y * chunk
     r1 = min(N, r0 + chunk)
     a0 = a1 = a2 = a3 = F0
-    e0 = e1 = e2 = e3 = F0
-    if kq < NQ and mode == 0:  # the bias gradient: two rows an iteration (loads in flight)
+    if kq < NQ and mode != 1:  # two rows an iteration (loads in flight)
         i = r0 + ty
         while i + CS_ROWS < r1:
             d0, d1, d2, d3 = ld4(dout, i, kq)
@@ -730,60 +771,44 @@ def k_colsum(out1, out2, part, count, dout, aux, mean, rstd, mode, chunk, accumu
     elif kq < NQ:
         for i in range(r0 + ty, r1, CS_ROWS):
             d0, d1, d2, d3 = ld4(dout, i, kq)
-            if mode == 2:
-                x0, x1, x2, x3 = ld4(aux, i, kq)
-                st4(dout, i, kq, gelu_grad(x0) * d0, gelu_grad(x1) * d1, gelu_grad(x2) * d2, gelu_grad(x3) * d3)
-                d0, d1, d2, d3 = ld4(dout, i, kq)
-            else:
-                x0, x1, x2, x3 = ld4(aux, i, kq)
-                mi = mean[i]
-                ri = rstd[i]
-                e0 += (x0 - mi) * ri * d0
-                e1 += (x1 - mi) * ri * d1
-                e2 += (x2 - mi) * ri * d2
-                e3 += (x3 - mi) * ri * d3
+            x0, x1, x2, x3 = ld4(aux, i, kq)
+            st4(dout, i, kq, gelu_grad(x0) * d0, gelu_grad(x1) * d1, gelu_grad(x2) * d2, gelu_grad(x3) * d3)
+            d0, d1, d2, d3 = ld4(dout, i, kq)
             a0 += d0
             a1 += d1
             a2 += d2
             a3 += d3
     c = 4 * tx
-    sh[0, ty, c] = a0
-    sh[0, ty, c + 1] = a1
-    sh[0, ty, c + 2] = a2
-    sh[0, ty, c + 3] = a3
-    sh[1, ty, c] = e0
-    sh[1, ty, c + 1] = e1
-    sh[1, ty, c + 2] = e2
-    sh[1, ty, c + 3] = e3
+    sh[ty, c] = a0
+    sh[ty, c + 1] = a1
+    sh[ty, c + 2] = a2
+    sh[ty, c + 3] = a3
     cuda.syncthreads()
     # thread (tx, ty) of the block's first 4 CS_COLS threads: column col of the group
     t = ty * CS_COLS + tx
     col = bx * CS_WIDTH + t
     mine = t < CS_WIDTH and col < 4 * NQ
     if mine:
-        t1 = sh[0, 0, t]
-        t2 = sh[1, 0, t]
+        tot = sh[0, t]
         for r in range(1, CS_ROWS):
-            t1 += sh[0, r, t]
-            t2 += sh[1, r, t]
-        part[0, cuda.blockIdx.y, col] = t1
-        if mode == 1:
-            part[1, cuda.blockIdx.y, col] = t2
+            tot += sh[r, t]
+        part[cuda.blockIdx.y, col] = tot
         cuda.threadfence()
     cuda.syncthreads()
     if tx == 0 and ty == 0:
         last[0] = 1 if cuda.atomic.add(count, bx, 1) == cuda.gridDim.y - 1 else 0
     cuda.syncthreads()
     if last[0] == 1 and mine:
-        t1 = part[0, 0, col]
-        t2 = part[1, 0, col] if mode == 1 else F0
+        tot = part[0, col]
         for y in range(1, cuda.gridDim.y):
-            t1 += part[0, y, col]
-            if mode == 1:
-                t2 += part[1, y, col]
-        out1[col] = out1[col] + t1 if accumulate else t1
-        if mode == 1:
-            out2[col] = out2[col] + t2 if accumulate else t2
+            tot += part[y, col]
+        j = col // split if mode == 2 else 0
+        if j == 0:
+            out1[col] = out1[col] + tot if accumulate else tot
+        elif j == 1:
+            out2[col - split] = out2[col - split] + tot if accumulate else tot
+        else:
+            out3[col - 2 * split] = out3[col - 2 * split] + tot if accumulate else tot
         if t == 0:
             count[bx] = 0
 
@@ -1071,11 +1096,34 @@ def classifier_backward(logits, lse, targets, V, stats, loss_scale):
                                                                  float(loss_scale))
 
 
-def layernorm_backward_dinp(dinp, dout, inp, w, mean, rstd, overwrite, shadow=None):
-    N = inp.shape[0]
-    _launch(k_layernorm_backward_dinp, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
-        quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
-        quads(dinp if shadow is None else shadow), int(shadow is not None))
+def layernorm_backward_scratch(N, C):
+    """layernorm_backward's scratch: the per-block partial sums, their colsum scratch, and
+    a vector for the matmul bias gradient of a layernorm that has none (the first one)."""
+    part = _alloc(LNB_BLOCKS * 3 * C).reshape(LNB_BLOCKS, 3 * C)
+    return SimpleNamespace(part=part, sums=colsum_scratch(LNB_BLOCKS, 3 * C), unused=_alloc(C))
+
+
+def layernorm_backward(scratch, dinp, dout, inp, w, mean, rstd, overwrite, dw, db, accumulate, dbias=None,
+                       shadow=None):
+    """dinp (+)= the input gradient of ln = layernorm(inp) (mean, rstd of its forward) from
+    dout; dw, db (+)= its weight and bias gradients (accumulate); dbias (+)= the column sums
+    of the new dinp: the bias gradient of the matmul whose output inp is (None: there is
+    none); shadow: a bf16 copy of dinp."""
+    C = inp.shape[1]
+    warps = max(1, min(ROWS, LNB_SHARED_BYTES // (4 * 3 * C)))
+    k = k_layernorm_backward
+    if SIM:
+        cfg = k[LNB_BLOCKS, (LANES, warps), 0, 4 * 3 * C * warps]
+    else:
+        key = (k, warps, C, _launch_stream[0])
+        cfg = _configured.get(key)
+        if cfg is None:
+            stream = 0 if _launch_stream[0] is None else _launch_stream[0]
+            cfg = _configured[key] = k[LNB_BLOCKS, (LANES, warps), stream, 4 * 3 * C * warps]
+    cfg(quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
+        quads(dinp if shadow is None else shadow), int(shadow is not None), scratch.part)
+    colsum(scratch.sums, dw, scratch.part, accumulate, mode=2, out2=db,
+           out3=scratch.unused if dbias is None else dbias)
 
 
 def colsum_scratch(N, OC):
@@ -1083,25 +1131,24 @@ def colsum_scratch(N, OC):
     to whole column groups) and the column groups' block counters (zero between calls)."""
     groups = (OC // 4 + CS_COLS - 1) // CS_COLS
     nchunks = (N + CS_CHUNK - 1) // CS_CHUNK
-    part = _alloc(2 * nchunks * groups * CS_WIDTH).reshape(2, nchunks, groups * CS_WIDTH)
+    part = _alloc(nchunks * groups * CS_WIDTH).reshape(nchunks, groups * CS_WIDTH)
     count = cuda.to_device(np.zeros(groups, dtype=np.int32))
     return SimpleNamespace(part=part, count=count)
 
 
-def colsum(scratch, out1, dout, accumulate, out2=None, aux=None, mean=None, rstd=None, mode=0):
-    """out1 (+)= column sums of dout (mode 0: bias gradient); mode 1 also out2 (+)= the
-    layernorm weight gradient; mode 2 first applies the GELU backward to dout in place.
-    scratch: colsum_scratch's."""
+def colsum(scratch, out1, dout, accumulate, aux=None, mode=0, out2=None, out3=None):
+    """out1 (+)= column sums of dout (mode 0: a bias gradient); mode 1 first applies the
+    GELU backward (pre-activation aux) to dout in place; mode 2 sums the three column
+    thirds of dout into out1, out2, out3. scratch: colsum_scratch's."""
     N, OC = dout.shape
     nchunks = (N + CS_CHUNK - 1) // CS_CHUNK
     groups = (OC // 4 + CS_COLS - 1) // CS_COLS
-    assert nchunks <= scratch.part.shape[1] and groups <= scratch.count.shape[0]
+    assert nchunks <= scratch.part.shape[0] and groups <= scratch.count.shape[0]
     aux = dout if aux is None else aux
-    mean = out1 if mean is None else mean
-    rstd = out1 if rstd is None else rstd
     out2 = out1 if out2 is None else out2
+    out3 = out1 if out3 is None else out3
     _launch(k_colsum, (groups, nchunks), (CS_COLS, CS_ROWS))(
-        out1, out2, scratch.part, scratch.count, quads(dout), quads(aux), mean, rstd, mode, CS_CHUNK,
+        out1, out2, out3, OC // 3, scratch.part, scratch.count, quads(dout), quads(aux), mode, CS_CHUNK,
         int(accumulate))
 
 
@@ -1592,6 +1639,7 @@ def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
 
     # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
     dm.colsum_scratch = colsum_scratch(BT, 4 * C)
+    dm.layernorm_scratch = layernorm_backward_scratch(BT, C)
     dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
     dm.normbuf = cuda.device_array(2, dtype=np.float64)
     dm.stats = cuda.device_array(2, dtype=np.float64)
@@ -1886,7 +1934,7 @@ def gpt2_backward_cuda(dm, accumulate, loss_scale):
     blas.set_tf32(dm.tf32)
     p, g, a, d = dm.params, dm.grads, dm.acts, dm.dacts
     P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
-    cs = dm.colsum_scratch
+    cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
     beta = 1.0 if accumulate else 0.0
 
     classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
@@ -1894,32 +1942,29 @@ def gpt2_backward_cuda(dm, accumulate, loss_scale):
     blas.gemm(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
     blas.gemm(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, beta=beta)
     last_residual = A.residual3[L - 1] if L > 0 else a.encoded
-    layernorm_backward_dinp(d.dresidual, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True)
-    colsum(cs, g.lnfb, d.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+    layernorm_backward(lnb, d.dresidual, d.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, g.lnfw, g.lnfb,
+                       accumulate, dbias=G.fcprojb[L - 1] if L > 0 else None)
 
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
-        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        colsum(cs, G.fcprojb[l], d.dresidual, accumulate)
+        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
+        # with the layernorm backward above it
         blas.gemm(False, False, BT, 4 * C, C, ad.dresidual, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C)
         blas.gemm(True, False, C, 4 * C, BT, ad.dresidual, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C, beta=beta)
-        colsum(cs, G.fcb[l], d.d4C, accumulate, aux=A.fch[l], mode=2)  # GELU backward in place + fc bias
+        colsum(cs, G.fcb[l], d.d4C, accumulate, aux=A.fch[l], mode=1)  # GELU backward in place + fc bias
         blas.gemm(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
         blas.gemm(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, beta=beta)
-        layernorm_backward_dinp(d.dresidual, d.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False)
-        colsum(cs, G.ln2b[l], d.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
-               rstd=A.ln2_rstd[l], mode=1)
+        layernorm_backward(lnb, d.dresidual, d.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
+                           G.ln2w[l], G.ln2b[l], accumulate, dbias=G.attprojb[l])
         # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        colsum(cs, G.attprojb[l], d.dresidual, accumulate)
         blas.gemm(False, False, BT, C, C, ad.dresidual, C, ad.attprojw[l], C, ad.dC, C)
         blas.gemm(True, False, C, C, BT, ad.dresidual, C, ad.atty[l], C, ad.gattprojw[l], C, beta=beta)
         attention_backward(dm, l)
         colsum(cs, G.qkvb[l], d.d3C, accumulate)
         blas.gemm(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         blas.gemm(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, beta=beta)
-        layernorm_backward_dinp(d.dresidual, d.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False)
-        colsum(cs, G.ln1b[l], d.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
-               rstd=A.ln1_rstd[l], mode=1)
+        layernorm_backward(lnb, d.dresidual, d.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
+                           G.ln1w[l], G.ln1b[l], accumulate, dbias=G.fcprojb[l - 1] if l > 0 else None)
     encoder_backward_wte(g.wte, d.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
     encoder_backward_wpe(g.wpe, d.dresidual, B, T, accumulate)
 
@@ -2116,18 +2161,18 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
-    cs = dm.colsum_scratch
+    cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
 
     classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
     lt.matmul(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
     lt.matmul(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, out_fp32=True, accumulate=accumulate)
     last_residual = A.residual3[L - 1] if L > 0 else a.encoded
-    layernorm_backward_dinp(a.dresidual, a.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, a.dresidual16)
-    colsum(cs, g.lnfb, a.dC, accumulate, out2=g.lnfw, aux=last_residual, mean=a.lnf_mean, rstd=a.lnf_rstd, mode=1)
+    layernorm_backward(lnb, a.dresidual, a.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, g.lnfw, g.lnfb,
+                       accumulate, dbias=G.fcprojb[L - 1] if L > 0 else None, shadow=a.dresidual16)
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
-        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        colsum(cs, G.fcprojb[l], a.dresidual, accumulate)
+        # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
+        # with the layernorm backward above it
         if dm.recompute_gelu:
             gelu_forward(A.fch_gelu[l], A.fch[l])
         lt.matmul(True, False, C, 4 * C, BT, ad.dresidual16, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C,
@@ -2138,12 +2183,9 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
         lt.matmul(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
         lt.matmul(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, out_fp32=True,
                   accumulate=accumulate)
-        layernorm_backward_dinp(a.dresidual, a.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
-                                a.dresidual16)
-        colsum(cs, G.ln2b[l], a.dC, accumulate, out2=G.ln2w[l], aux=A.residual2[l], mean=A.ln2_mean[l],
-               rstd=A.ln2_rstd[l], mode=1)
+        layernorm_backward(lnb, a.dresidual, a.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
+                           G.ln2w[l], G.ln2b[l], accumulate, dbias=G.attprojb[l], shadow=a.dresidual16)
         # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        colsum(cs, G.attprojb[l], a.dresidual, accumulate)
         lt.matmul(False, False, BT, C, C, ad.dresidual16, C, ad.attprojw[l], C, ad.dC, C)
         lt.matmul(True, False, C, C, BT, ad.dresidual16, C, ad.atty[l], C, ad.gattprojw[l], C, out_fp32=True,
                   accumulate=accumulate)
@@ -2152,10 +2194,9 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
         lt.matmul(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         lt.matmul(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, out_fp32=True,
                   accumulate=accumulate)
-        layernorm_backward_dinp(a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
-                                a.dresidual16)
-        colsum(cs, G.ln1b[l], a.dC, accumulate, out2=G.ln1w[l], aux=residual, mean=A.ln1_mean[l],
-               rstd=A.ln1_rstd[l], mode=1)
+        layernorm_backward(lnb, a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
+                           G.ln1w[l], G.ln1b[l], accumulate, dbias=G.fcprojb[l - 1] if l > 0 else None,
+                           shadow=a.dresidual16)
     encoder_backward_wte(g.wte, a.dresidual, dm.positions, dm.bucket_token, dm.bucket_start, dm.num_buckets, BT)
     encoder_backward_wpe(g.wpe, a.dresidual, B, T, accumulate)
 
