@@ -1611,6 +1611,8 @@ def _check_shape(cfg, B, T):
     if cfg.channels % 4 or cfg.padded_vocab_size % 4:  # the row kernels' packed access (quads)
         raise common.UserError(f"the GPU needs channels and padded vocab size that are multiples of 4, not "
                                f"{cfg.channels} and {cfg.padded_vocab_size}")
+    if 12 * cfg.channels > LNB_SHARED_BYTES:  # one warp's column sums in the layernorm backward
+        raise common.UserError(f"the GPU takes at most {LNB_SHARED_BYTES // 12} channels, not {cfg.channels}")
 
 
 def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
