@@ -977,7 +977,7 @@ def parse_args(argv):
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
-    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="auto",
+    g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
                    help="cpu: fp32 only. cuda: bf16 mixed precision (bf16 weights, activations and matmuls, float32 "
                         "master weights, gradients and AdamW state), tf32 (TF32 matmuls, float32 storage; what "
                         "--tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on cuda, fp32 on cpu")

@@ -89,9 +89,9 @@ NORM_BLOCKS = 3 if SIM else 132 * 8
 CS_COLS = 2 if SIM else 16             # column sums: block = CS_COLS quads (4 columns each) x CS_ROWS
 CS_ROWS = 4 if SIM else 16             # (at least 4: the block's first 4 CS_COLS threads finish a column each)
 CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
+CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
 LNB_BLOCKS = 3 if SIM else 132 * 4     # layernorm backward: blocks (rows strided over them; a partial sum each)
 LNB_SHARED_BYTES = 48 << 10            # ... its column sums' shared memory: warps = this / (3 C floats)
-CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
 ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
 
 F0 = np.float32(0.0)
@@ -980,14 +980,16 @@ _configured = {}
 _launch_stream = [None]  # the stream kernels go to: None is the legacy default stream
 
 
-def _launch(kernel, grid, block):
+def _launch(kernel, grid, block, shared=0):
+    """kernel configured for grid x block on the current launch stream, with `shared`
+    bytes of dynamic shared memory."""
     if SIM:  # the simulator's kernel[...] configures the kernel object itself: no caching
-        return kernel[grid, block]
+        return kernel[grid, block, 0, shared]
     stream = _launch_stream[0]
-    key = (kernel, grid, block, stream)
+    key = (kernel, grid, block, stream, shared)
     cfg = _configured.get(key)
     if cfg is None:
-        cfg = _configured[key] = kernel[grid, block] if stream is None else kernel[grid, block, stream]
+        cfg = _configured[key] = kernel[grid, block, 0 if stream is None else stream, shared]
     return cfg
 
 
@@ -1096,7 +1098,7 @@ def classifier_backward(logits, lse, targets, V, stats, loss_scale):
                                                                  float(loss_scale))
 
 
-def layernorm_backward_scratch(N, C):
+def layernorm_backward_scratch(C):
     """layernorm_backward's scratch: the per-block partial sums, their colsum scratch, and
     a vector for the matmul bias gradient of a layernorm that has none (the first one)."""
     part = _alloc(LNB_BLOCKS * 3 * C).reshape(LNB_BLOCKS, 3 * C)
@@ -1111,16 +1113,8 @@ def layernorm_backward(scratch, dinp, dout, inp, w, mean, rstd, overwrite, dw, d
     none); shadow: a bf16 copy of dinp."""
     C = inp.shape[1]
     warps = max(1, min(ROWS, LNB_SHARED_BYTES // (4 * 3 * C)))
-    k = k_layernorm_backward
-    if SIM:
-        cfg = k[LNB_BLOCKS, (LANES, warps), 0, 4 * 3 * C * warps]
-    else:
-        key = (k, warps, C, _launch_stream[0])
-        cfg = _configured.get(key)
-        if cfg is None:
-            stream = 0 if _launch_stream[0] is None else _launch_stream[0]
-            cfg = _configured[key] = k[LNB_BLOCKS, (LANES, warps), stream, 4 * 3 * C * warps]
-    cfg(quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
+    _launch(k_layernorm_backward, LNB_BLOCKS, (LANES, warps), shared=4 * 3 * C * warps)(
+        quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
         quads(dinp if shadow is None else shadow), int(shadow is not None), scratch.part)
     colsum(scratch.sums, dw, scratch.part, accumulate, mode=2, out2=db,
            out3=scratch.unused if dbias is None else dbias)
@@ -1639,9 +1633,10 @@ def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
     dm.grads = common.slice_views(dm.grads_memory, pshapes)
     dm.G = SimpleNamespace(**{name: _per_layer(getattr(dm.grads, name), cfg.num_layers) for name in LAYER_PARAMETERS})
 
-    # column-sum partials (bias / layernorm weight gradients), norm partials, loss stats
+    # column-sum and layernorm-backward scratch (bias and layernorm weight gradients), norm
+    # partials, loss stats
     dm.colsum_scratch = colsum_scratch(BT, 4 * C)
-    dm.layernorm_scratch = layernorm_backward_scratch(BT, C)
+    dm.layernorm_scratch = layernorm_backward_scratch(C)
     dm.norm_part = cuda.device_array(NORM_BLOCKS, dtype=np.float64)
     dm.normbuf = cuda.device_array(2, dtype=np.float64)
     dm.stats = cuda.device_array(2, dtype=np.float64)
@@ -2004,8 +1999,8 @@ def stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode):
 def update_on_device(dm, grad_clip, dist=None):
     """The device side of an update: the gradient reduction over the ranks, the norm and
     clip scale, AdamW, the all-gather, and under bf16 the bf16 weights of the next step.
-    Returns the norm before clipping as a 1-element float64 device array (overwritten by
-    the next update); nothing here waits for the device."""
+    The norm before clipping lands in dm.normbuf[0] (overwritten by the next update);
+    nothing here waits for the device."""
     sharded = dm.grad_shard is not None
     if sharded:
         dist.reduce_scatter_sum_device(dm.grads_padded, dm.grad_shard)
@@ -2022,7 +2017,6 @@ def update_on_device(dm, grad_clip, dist=None):
         dist.allgather_device(dm.params_padded)
         if dm.params16_padded is not None:
             store(dm.params16_padded, dm.params_padded)
-    return dm.normbuf[0:1]
 
 
 # -----------------------------------------------------------------------------
@@ -2330,7 +2324,7 @@ class CUDA(common.Device):
         dm = self.dm
         stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode)
         self._device_step(("update", float(grad_clip)), lambda: update_on_device(dm, grad_clip, self.dist))
-        return float(dm.normbuf[0:1].copy_to_host()[0])  # waits for the update
+        return float(dm.normbuf.copy_to_host()[0])  # waits for the update
 
     def params_to_host(self):
         self.dm.params_memory.copy_to_host(self.model.params_memory)

@@ -173,7 +173,7 @@ def cmd_kernels(args):
     ln, mean, rstd = np.zeros((N, C), f32), np.zeros(N, f32), np.zeros(N, f32)
     cpu.layernorm_forward(ln, mean, rstd, inp, w, b)
     # (and the column sums of the new dinp: the bias gradient of the matmul before it)
-    lnb = tc.layernorm_backward_scratch(N, C)
+    lnb = tc.layernorm_backward_scratch(C)
     for acc in (False, True):
         dinp0, dw0, db0, dbias0 = rand(N, C), rand(C), rand(C), rand(C)
         dinp, dw, db = dinp0.copy(), dw0.copy(), db0.copy()
