@@ -80,7 +80,7 @@ JIT = {} if SIM else {"cache": True}
 # its "warps" are LANES threads wide and reduce through shared memory)
 LANES = 4 if SIM else 32               # threads per row in the warp-per-row kernels
 ROWS = 2 if SIM else 8                 # rows per block there (block = LANES x ROWS)
-CE_THREADS = 16 if SIM else 512        # classifier: one block per row
+CE_THREADS = 16 if SIM else 128        # classifier: one block per row
 RED_THREADS = 16 if SIM else 256       # single-block reductions, grad norm blocks
 RED_N = 1024 if SIM else 32            # shared scratch of the block reductions
 ELT_THREADS = 32 if SIM else 256       # elementwise grid-stride kernels
@@ -90,9 +90,13 @@ CS_COLS = 2 if SIM else 16             # column sums: block = CS_COLS quads (4 c
 CS_ROWS = 4 if SIM else 16             # (at least 4: the block's first 4 CS_COLS threads finish a column each)
 CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
 CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
-LNB_BLOCKS = 3 if SIM else 132 * 4     # layernorm backward: blocks (rows strided over them; a partial sum each)
-LNB_SHARED_BYTES = 48 << 10            # ... its column sums' shared memory: warps = this / (3 C floats)
-ENC_THREADS = 8 if SIM else 1024       # at most; a thread per channel
+LNB_BLOCKS = 3 if SIM else 132 * 5     # layernorm backward: blocks (rows strided over them; a partial sum each)
+LNB_SHARED_BYTES = 36 << 10            # ... its column sums' shared memory: warps = this / (3 C floats), at
+                                       # least 1 (48 KiB, the most without opting in, at 4096 channels)
+ENC_QUADS = 2 if SIM else 64           # wte backward: block = ENC_QUADS quad columns x ENC_GROUPS
+ENC_GROUPS = 3 if SIM else 8           # position groups
+ENC_WIDTH = 4 * ENC_QUADS
+ENC_BLOCKS = 2 if SIM else 132 * 4     # blocks (buckets strided over them)
 
 F0 = np.float32(0.0)
 ONE = np.float32(1.0)
@@ -329,6 +333,31 @@ else:
             q[i, k, 1] = f32_word(x2, x3)
 
 
+# Fast exponent and quotient (ex2.approx, the approximate divide: a few ulp of float32)
+# where a result is rounded to bf16 anyway: the bf16 GELU recompute and the classifier
+# on bf16 logits. Float32 rows keep math.exp and the IEEE divide.
+if SIM:
+    def exp_fast(x):
+        return np.float32(math.exp(x))
+
+    def div_fast(a, b):
+        return np.float32(a / b)
+else:
+    @cuda.jit(device=True, inline=True)
+    def exp_fast(x):
+        return libdevice.fast_expf(x)
+
+    @cuda.jit(device=True, inline=True)
+    def div_fast(a, b):
+        return libdevice.fast_fdividef(a, b)
+
+
+@cuda.jit(device=True)
+def add4(a0, a1, a2, a3, x0, x1, x2, x3):
+    # two quads added
+    return a0 + x0, a1 + x1, a2 + x2, a3 + x3
+
+
 @cuda.jit(device=True)
 def pick4(x0, x1, x2, x3, r):
     # value r (0..3) of a quad
@@ -400,6 +429,9 @@ def k_encoder_layernorm(encoded, ln, mean, rstd, tokens, wte, wpe, w, b, T):
 def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
     # mode 1: res = (res + bias) + prev (matmul output + bias + residual, in place), then
     # ln = layernorm(res). mode 0: ln = layernorm(res) (prev and bias unused). Quads.
+    # (Keeping a lane's quads in registers for the later passes measured no faster in a
+    # training step on the H200, 1.00 vs 0.99 ms for the 24 calls: the row is still in
+    # cache.)
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -450,23 +482,30 @@ def gelu(x):
     return HALF * x * (ONE + math.tanh(u))
 
 
+@cuda.jit(device=True)
+def gelu_bf16(x):
+    # gelu for a bf16 result: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), fast exp and divide
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    return div_fast(x, ONE + exp_fast(-(u + u)))
+
+
 @cuda.jit(**JIT)
 def k_gelu_forward(out, inp):
     # out = gelu(inp), elementwise over flat quads (one row): the bf16 backward's recompute
-    # of the GELU output from the stored pre-activation. Two quads a thread per iteration
-    # (loads in flight).
+    # of the GELU output from the stored pre-activation (and the forward's, where the
+    # matmul has no GELU epilogue). Two quads a thread per iteration (loads in flight).
     n = inp.shape[1]
     G = cuda.gridsize(1)
     k = cuda.grid(1)
     while k + G < n:
         x0, x1, x2, x3 = ld4(inp, 0, k)
         y0, y1, y2, y3 = ld4(inp, 0, k + G)
-        st4(out, 0, k, gelu(x0), gelu(x1), gelu(x2), gelu(x3))
-        st4(out, 0, k + G, gelu(y0), gelu(y1), gelu(y2), gelu(y3))
+        st4(out, 0, k, gelu_bf16(x0), gelu_bf16(x1), gelu_bf16(x2), gelu_bf16(x3))
+        st4(out, 0, k + G, gelu_bf16(y0), gelu_bf16(y1), gelu_bf16(y2), gelu_bf16(y3))
         k += 2 * G
     if k < n:
         x0, x1, x2, x3 = ld4(inp, 0, k)
-        st4(out, 0, k, gelu(x0), gelu(x1), gelu(x2), gelu(x3))
+        st4(out, 0, k, gelu_bf16(x0), gelu_bf16(x1), gelu_bf16(x2), gelu_bf16(x3))
 
 
 @cuda.jit(**JIT)
@@ -527,6 +566,12 @@ def k_softmax_forward(att, Tb):
         att[bh, t, t2] = F0
 
 
+@cuda.jit(device=True)
+def exp_row(x, fast):
+    # exp of a classifier entry: fast on bf16 rows
+    return exp_fast(x) if fast else math.exp(x)
+
+
 @cuda.jit(**JIT)
 def k_classifier_forward(losses, lse, logits, targets, V):
     # one block per row of the logits (quads): online max / sum of exp over the first V
@@ -536,6 +581,7 @@ def k_classifier_forward(losses, lse, logits, targets, V):
     sh = cuda.shared.array(RED_N, float32)
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
+    fast = logits.shape[2] == 1
     m = NEG_INF
     s = F0
     nt = cuda.blockDim.x
@@ -558,8 +604,8 @@ def k_classifier_forward(losses, lse, logits, targets, V):
         if mx > m:
             s = s * math.exp(m - mx)
             m = mx
-        s += ((math.exp(x0 - m) + math.exp(x1 - m)) + (math.exp(x2 - m) + math.exp(x3 - m))) + \
-            ((math.exp(y0 - m) + math.exp(y1 - m)) + (math.exp(y2 - m) + math.exp(y3 - m)))
+        s += ((exp_row(x0 - m, fast) + exp_row(x1 - m, fast)) + (exp_row(x2 - m, fast) + exp_row(x3 - m, fast))) + \
+            ((exp_row(y0 - m, fast) + exp_row(y1 - m, fast)) + (exp_row(y2 - m, fast) + exp_row(y3 - m, fast)))
         k += 2 * nt
     M = block_max(m, sh)
     s = s * math.exp(m - M) if s > F0 else F0
@@ -598,15 +644,26 @@ def k_loss_reduce(stats, losses, targets):
 
 
 @cuda.jit(device=True)
-def classifier_grad(x, lv, dloss, j, tg, V):
+def classifier_grad(x, lv, dloss, j, tg, V, fast):
     # d loss / d logit j of a row with logsumexp lv and target tg: (softmax_j - [j == tg])
     # * dloss; zero in the padding columns
     if j >= V:
         return F0
-    g = math.exp(x - lv) * dloss
+    g = exp_row(x - lv, fast) * dloss
     if j == tg:
         g -= dloss
     return g
+
+
+@cuda.jit(device=True)
+def classifier_grad4(x0, x1, x2, x3, lv, dloss, j, tg, V, fast):
+    # classifier_grad of columns j .. j + 3; without padding or the target among them (all
+    # quads of a row but one or two), no per-column tests
+    if j + 3 < V and (tg < j or tg > j + 3):
+        return (exp_row(x0 - lv, fast) * dloss, exp_row(x1 - lv, fast) * dloss, exp_row(x2 - lv, fast) * dloss,
+                exp_row(x3 - lv, fast) * dloss)
+    return (classifier_grad(x0, lv, dloss, j, tg, V, fast), classifier_grad(x1, lv, dloss, j + 1, tg, V, fast),
+            classifier_grad(x2, lv, dloss, j + 2, tg, V, fast), classifier_grad(x3, lv, dloss, j + 3, tg, V, fast))
 
 
 @cuda.jit(**JIT)
@@ -615,6 +672,7 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
     # loss_scale / #valid; padding columns and masked rows get zero. One pass over each row.
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
+    fast = logits.shape[2] == 1
     cnt = stats[1]
     dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
     tg = targets[row]
@@ -628,13 +686,10 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
         k2 = k + nt
         if k2 < nq:
             y0, y1, y2, y3 = ld4(logits, row, k2)
-            j = 4 * k2
-            st4(logits, row, k2, classifier_grad(y0, lv, dloss, j, tg, V),
-                classifier_grad(y1, lv, dloss, j + 1, tg, V), classifier_grad(y2, lv, dloss, j + 2, tg, V),
-                classifier_grad(y3, lv, dloss, j + 3, tg, V))
-        j = 4 * k
-        st4(logits, row, k, classifier_grad(x0, lv, dloss, j, tg, V), classifier_grad(x1, lv, dloss, j + 1, tg, V),
-            classifier_grad(x2, lv, dloss, j + 2, tg, V), classifier_grad(x3, lv, dloss, j + 3, tg, V))
+            y0, y1, y2, y3 = classifier_grad4(y0, y1, y2, y3, lv, dloss, 4 * k2, tg, V, fast)
+            st4(logits, row, k2, y0, y1, y2, y3)
+        x0, x1, x2, x3 = classifier_grad4(x0, x1, x2, x3, lv, dloss, 4 * k, tg, V, fast)
+        st4(logits, row, k, x0, x1, x2, x3)
 
 
 @cuda.jit(**JIT)
@@ -645,11 +700,14 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
     # column sums go to part[block, :] = [sum dout * norm (the weight gradient) | sum dout
     # (the bias gradient) | sum of the new dinp (the bias gradient of the matmul whose
     # output this layernorm read)]: each warp adds its rows into its own slice of shared
-    # memory (a lane owns its columns: no races), then the warps are added in order, so
-    # the result is deterministic; colsum (mode 2) adds the blocks up. The weight and bias
-    # gradients thus cost no second read of dout and inp.
+    # memory, laid out (sum, column % 4, column // 4) so that a lane owns its columns (no
+    # races) and the lanes of a warp hit distinct banks; then the warps are added in
+    # order, so the result is deterministic; colsum (mode 2) adds the blocks up. The
+    # weight and bias gradients thus cost no second read of dout and inp. (Keeping a
+    # lane's quads of the row in registers between the two passes measured slower on the
+    # H200: 164 vs 111 us at 16384 x 768, the registers cost the occupancy.)
     sh = cuda.shared.array((ROWS, LANES), float32)   # warp sums under the simulator
-    acc = cuda.shared.array(0, float32)               # dynamic: (warps, 3, C)
+    acc = cuda.shared.array(0, float32)               # dynamic: (warps, 3 * 4, C / 4)
     lane = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     W = cuda.blockDim.y
@@ -657,9 +715,10 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
     nq = inp.shape[1]
     C = 4 * nq
     Cf = float32(C)
-    base = ty * 3 * C
+    at = ty * 3 * C
     for c in range(lane, 3 * C, LANES):
-        acc[base + c] = F0
+        acc[at + c] = F0
+    cuda.syncthreads()  # (a lane's columns are not the ones it zeroed)
     for i0 in range(cuda.blockIdx.x * W, N, cuda.gridDim.x * W):  # block-uniform (the simulator's warp sums sync)
         i = i0 + ty
         ii = i if i < N else 0
@@ -701,26 +760,29 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
             st4(dinp, ii, k, v0, v1, v2, v3)
             if has_shadow:
                 st4(shadow, ii, k, v0, v1, v2, v3)
-            c = base + 4 * k
+            c = at + k
             acc[c] += d0 * n0
-            acc[c + 1] += d1 * n1
-            acc[c + 2] += d2 * n2
-            acc[c + 3] += d3 * n3
-            c += C
+            acc[c + nq] += d1 * n1
+            acc[c + 2 * nq] += d2 * n2
+            acc[c + 3 * nq] += d3 * n3
+            c += 4 * nq
             acc[c] += d0
-            acc[c + 1] += d1
-            acc[c + 2] += d2
-            acc[c + 3] += d3
-            c += C
+            acc[c + nq] += d1
+            acc[c + 2 * nq] += d2
+            acc[c + 3 * nq] += d3
+            c += 4 * nq
             acc[c] += v0
-            acc[c + 1] += v1
-            acc[c + 2] += v2
-            acc[c + 3] += v3
+            acc[c + nq] += v1
+            acc[c + 2 * nq] += v2
+            acc[c + 3 * nq] += v3
     cuda.syncthreads()
     for c in range(ty * LANES + lane, 3 * C, W * LANES):
-        tot = acc[c]
-        for r in range(1, W):
-            tot += acc[r * 3 * C + c]
+        q = c // C  # which sum
+        r = c - q * C
+        j = (q * 4 + r % 4) * nq + r // 4
+        tot = acc[j]
+        for wp in range(1, W):
+            tot += acc[wp * 3 * C + j]
         part[cuda.blockIdx.x, c] = tot
 
 
@@ -858,32 +920,51 @@ def k_encoder_backward_wpe(dwpe, dout, B, T, accumulate):
 
 @cuda.jit(**JIT)
 def k_encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets):
-    # dwte[token] += dout[bt] for every position bt holding token: one block per distinct
-    # token (buckets built on the host, positions in increasing order, as the CPU walks
-    # them), so each row of dwte has one owner: deterministic, no atomics.
-    k = cuda.blockIdx.x
-    if k < num_buckets[0]:
-        tok = bucket_token[k]
-        p0 = bucket_start[k]
-        p1 = bucket_start[k + 1]
-        C = dwte.shape[1]
-        for c in range(cuda.threadIdx.x, C, cuda.blockDim.x):
-            # four independent sums (loads in flight for frequent tokens), fixed order
-            s0 = dwte[tok, c]
-            s1 = F0
-            s2 = F0
-            s3 = F0
-            p = p0
-            while p + 4 <= p1:
-                s0 += ld(dout, (positions[p], c))
-                s1 += ld(dout, (positions[p + 1], c))
-                s2 += ld(dout, (positions[p + 2], c))
-                s3 += ld(dout, (positions[p + 3], c))
-                p += 4
-            while p < p1:
-                s0 += ld(dout, (positions[p], c))
-                p += 1
-            dwte[tok, c] = s0 + ((s1 + s2) + s3)
+    # dwte[token] += dout[bt] for every position bt holding token (quads). One bucket per
+    # distinct token (built on the host: positions in increasing order, as the CPU walks
+    # them), buckets strided over the blocks. In a block, thread (x, y) sums quad column x
+    # (then x + ENC_QUADS, ...) over positions y, y + ENC_GROUPS, ... of the bucket (two
+    # sums, loads in flight), and row 0 adds the groups in order: each row of dwte has one
+    # owner and every sum a fixed order (deterministic, no atomics), and a frequent token
+    # takes ENC_GROUPS times fewer dependent steps than one thread summing it.
+    sh = cuda.shared.array((ENC_GROUPS, ENC_WIDTH), float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    nq = dout.shape[1]
+    c = 4 * tx
+    for bk in range(cuda.blockIdx.x, num_buckets[0], cuda.gridDim.x):
+        tok = bucket_token[bk]
+        p1 = bucket_start[bk + 1]
+        for q0 in range(0, nq, ENC_QUADS):
+            k = q0 + tx
+            a0 = a1 = a2 = a3 = F0
+            if k < nq:
+                b0 = b1 = b2 = b3 = F0
+                p = bucket_start[bk] + ty
+                while p + ENC_GROUPS < p1:
+                    x0, x1, x2, x3 = ld4(dout, positions[p], k)
+                    y0, y1, y2, y3 = ld4(dout, positions[p + ENC_GROUPS], k)
+                    a0, a1, a2, a3 = add4(a0, a1, a2, a3, x0, x1, x2, x3)
+                    b0, b1, b2, b3 = add4(b0, b1, b2, b3, y0, y1, y2, y3)
+                    p += 2 * ENC_GROUPS
+                if p < p1:
+                    x0, x1, x2, x3 = ld4(dout, positions[p], k)
+                    a0, a1, a2, a3 = add4(a0, a1, a2, a3, x0, x1, x2, x3)
+                a0, a1, a2, a3 = add4(a0, a1, a2, a3, b0, b1, b2, b3)
+            sh[ty, c] = a0
+            sh[ty, c + 1] = a1
+            sh[ty, c + 2] = a2
+            sh[ty, c + 3] = a3
+            cuda.syncthreads()
+            if ty == 0 and k < nq:
+                w0, w1, w2, w3 = ld4(dwte, tok, k)
+                for g in range(ENC_GROUPS):
+                    w0 += sh[g, c]
+                    w1 += sh[g, c + 1]
+                    w2 += sh[g, c + 2]
+                    w3 += sh[g, c + 3]
+                st4(dwte, tok, k, w0, w1, w2, w3)
+            cuda.syncthreads()
 
 
 # -----------------------------------------------------------------------------
@@ -1151,9 +1232,8 @@ def encoder_backward_wpe(dwpe, dout, B, T, accumulate):
 
 
 def encoder_backward_wte(dwte, dout, positions, bucket_token, bucket_start, num_buckets, max_buckets):
-    threads = min(ENC_THREADS, (dwte.shape[1] + 31) // 32 * 32)
-    _launch(k_encoder_backward_wte, max_buckets, threads)(
-        dwte, dout, positions, bucket_token, bucket_start, num_buckets)
+    _launch(k_encoder_backward_wte, min(max_buckets, ENC_BLOCKS), (ENC_QUADS, ENC_GROUPS))(
+        quads(dwte), quads(dout), positions, bucket_token, bucket_start, num_buckets)
 
 
 def global_norm(normbuf, part, grads, grad_clip, dist=None):
@@ -1175,11 +1255,15 @@ def adamw(params, grads, m, v, normbuf, hyper, group_end, group_decay, params16=
 
 
 def encoder_buckets(tokens):
-    """Host side of the deterministic wte scatter: positions sorted by token (stable),
-    the distinct tokens, and where each one's positions start."""
-    order = np.argsort(tokens, kind="stable").astype(np.int32)
+    """Host side of the deterministic wte scatter: positions grouped by token (each
+    group in increasing order), the most frequent tokens first (their blocks start
+    first), the distinct tokens, and where each one's positions start."""
+    if not tokens.size:
+        return np.zeros(0, np.int32), np.zeros(0, tokens.dtype), np.zeros(1, np.int32)
+    _, inverse, counts = np.unique(tokens, return_inverse=True, return_counts=True)
+    order = np.lexsort((np.arange(tokens.size), tokens, -counts[inverse])).astype(np.int32)
     sorted_tokens = tokens[order]
-    starts = np.flatnonzero(np.diff(sorted_tokens)) + 1 if tokens.size else np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.diff(sorted_tokens)) + 1
     bucket_start = np.concatenate(([0], starts, [tokens.size])).astype(np.int32)
     bucket_token = sorted_tokens[bucket_start[:-1]]
     return order, bucket_token, bucket_start

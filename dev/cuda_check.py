@@ -214,7 +214,11 @@ def cmd_kernels(args):
     report("gelu_backward", d_d4.copy_to_host(), ref, tol)
     report("gelu_backward + fc bias", d_db.copy_to_host(), db, tol)
 
-    # encoder backward (deterministic wte scatter through host-built buckets)
+    # encoder backward (deterministic wte scatter through host-built buckets: positions
+    # grouped by token, increasing within a group, the most frequent token first)
+    order, btok, bstart = tc.encoder_buckets(np.array([5, 3, 5, 7, 3, 5], np.int32))
+    same = (order.tolist(), btok.tolist(), bstart.tolist()) == ([0, 2, 5, 1, 4, 3], [5, 3, 7], [0, 3, 5, 6])
+    report("encoder buckets order", float(not same), 0.0, 0.0, absolute=True)
     dres = rand(B * T, C)
     for acc in (False, True):
         dwte0, dwpe0 = rand(V, C), rand(maxT, C)
