@@ -92,7 +92,8 @@ CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
 CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
 LNB_BLOCKS = 3 if SIM else 132 * 5     # layernorm backward: blocks (rows strided over them; a partial sum each)
 LNB_SHARED_BYTES = 36 << 10            # ... its column sums' shared memory: warps = this / (3 C floats), at
-                                       # least 1 (48 KiB, the most without opting in, at 4096 channels)
+                                       # least 1 (so up to SHARED_MAX_BYTES: 4096 channels)
+SHARED_MAX_BYTES = 48 << 10            # the dynamic shared memory a block takes without opting in
 ENC_QUADS = 2 if SIM else 64           # wte backward: block = ENC_QUADS quad columns x ENC_GROUPS
 ENC_GROUPS = 3 if SIM else 8           # position groups
 ENC_WIDTH = 4 * ENC_QUADS
@@ -572,6 +573,13 @@ def exp_row(x, fast):
     return exp_fast(x) if fast else math.exp(x)
 
 
+@cuda.jit(device=True)
+def past_vocab(x1, x2, x3, j, V):
+    # values 1..3 of the quad at column j, -inf past the vocabulary (the padding; value 0
+    # of a read quad is always inside)
+    return (x1 if j + 1 < V else NEG_INF, x2 if j + 2 < V else NEG_INF, x3 if j + 3 < V else NEG_INF)
+
+
 @cuda.jit(**JIT)
 def k_classifier_forward(losses, lse, logits, targets, V):
     # one block per row of the logits (quads): online max / sum of exp over the first V
@@ -594,14 +602,8 @@ def k_classifier_forward(losses, lse, logits, targets, V):
         y0 = y1 = y2 = y3 = NEG_INF
         if k + nt < nq:
             y0, y1, y2, y3 = ld4(logits, row, k + nt)
-        j = 4 * k
-        x1 = x1 if j + 1 < V else NEG_INF
-        x2 = x2 if j + 2 < V else NEG_INF
-        x3 = x3 if j + 3 < V else NEG_INF
-        j = 4 * (k + nt)
-        y1 = y1 if j + 1 < V else NEG_INF
-        y2 = y2 if j + 2 < V else NEG_INF
-        y3 = y3 if j + 3 < V else NEG_INF
+        x1, x2, x3 = past_vocab(x1, x2, x3, 4 * k, V)
+        y1, y2, y3 = past_vocab(y1, y2, y3, 4 * (k + nt), V)
         mx = max(max(max(x0, x1), max(x2, x3)), max(max(y0, y1), max(y2, y3)))
         if mx > m:
             s = s * math.exp(m - mx)
@@ -755,10 +757,7 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
             v3 = (w3 * d3 - a - n3 * bb) * s
             if not overwrite:
                 o0, o1, o2, o3 = ld4(dinp, ii, k)
-                v0 += o0
-                v1 += o1
-                v2 += o2
-                v3 += o3
+                v0, v1, v2, v3 = add4(v0, v1, v2, v3, o0, o1, o2, o3)
             st4(dinp, ii, k, v0, v1, v2, v3)
             if has_shadow:
                 st4(shadow, ii, k, v0, v1, v2, v3)
@@ -821,27 +820,19 @@ def k_colsum(out1, out2, out3, split, part, count, dout, aux, mode, chunk, accum
         while i + CS_ROWS < r1:
             d0, d1, d2, d3 = ld4(dout, i, kq)
             f0, f1, f2, f3 = ld4(dout, i + CS_ROWS, kq)
-            a0 += d0 + f0
-            a1 += d1 + f1
-            a2 += d2 + f2
-            a3 += d3 + f3
+            d0, d1, d2, d3 = add4(d0, d1, d2, d3, f0, f1, f2, f3)
+            a0, a1, a2, a3 = add4(a0, a1, a2, a3, d0, d1, d2, d3)
             i += 2 * CS_ROWS
         if i < r1:
             d0, d1, d2, d3 = ld4(dout, i, kq)
-            a0 += d0
-            a1 += d1
-            a2 += d2
-            a3 += d3
+            a0, a1, a2, a3 = add4(a0, a1, a2, a3, d0, d1, d2, d3)
     elif kq < NQ:
         for i in range(r0 + ty, r1, CS_ROWS):
             d0, d1, d2, d3 = ld4(dout, i, kq)
             x0, x1, x2, x3 = ld4(aux, i, kq)
             st4(dout, i, kq, gelu_grad(x0) * d0, gelu_grad(x1) * d1, gelu_grad(x2) * d2, gelu_grad(x3) * d3)
             d0, d1, d2, d3 = ld4(dout, i, kq)
-            a0 += d0
-            a1 += d1
-            a2 += d2
-            a3 += d3
+            a0, a1, a2, a3 = add4(a0, a1, a2, a3, d0, d1, d2, d3)
     c = 4 * tx
     sh[ty, c] = a0
     sh[ty, c + 1] = a1
@@ -1691,8 +1682,8 @@ def _check_shape(cfg, B, T):
     if cfg.channels % 4 or cfg.padded_vocab_size % 4:  # the row kernels' packed access (quads)
         raise common.UserError(f"the GPU needs channels and padded vocab size that are multiples of 4, not "
                                f"{cfg.channels} and {cfg.padded_vocab_size}")
-    if 12 * cfg.channels > LNB_SHARED_BYTES:  # one warp's column sums in the layernorm backward
-        raise common.UserError(f"the GPU takes at most {LNB_SHARED_BYTES // 12} channels, not {cfg.channels}")
+    if 12 * cfg.channels > SHARED_MAX_BYTES:  # one warp's column sums in the layernorm backward
+        raise common.UserError(f"the GPU takes at most {SHARED_MAX_BYTES // 12} channels, not {cfg.channels}")
 
 
 def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):

@@ -83,7 +83,8 @@ def test_kernels_and_steps_match_cpu(sim_runs):
     for name in ("encoder+layernorm ln", "residual+layernorm ln", "bias+gelu_forward gelu",
                  "attention_forward att nb=3", "attention_backward dk nb=3", "attention_backward dv nb=1",
                  "crossentropy_backward", "layernorm_backward dw acc", "gelu_backward + fc bias",
-                 "encoder_backward dwte acc", "encoder buckets order", "gemm tA=1 tB=1", "adamw params all", "adamw v matrices",
+                 "encoder_backward dwte acc", "encoder buckets order", "gemm tA=1 tB=1", "adamw params all",
+                 "adamw v matrices",
                  "s1 grad wte (acc)", "s1 params", "train loop final params", "train loop final m",
                  "state round trip params,m,v", "state round trip step", "state from a fresh host m,v",
                  "resumed params", "API semantics"):

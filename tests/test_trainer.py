@@ -1114,6 +1114,16 @@ def test_gpu_needs_channels_and_padded_vocab_divisible_by_4(files, tmp_path):
     assert_one_line_error(proc, "multiples of 4, not 32 and 66")
 
 
+def test_gpu_channel_limit_is_4096():
+    """The layernorm backward keeps one warp's column sums (3 C floats) in 48 KiB of shared
+    memory: 4096 channels pass the GPU's shape check, 4100 get the one-line error."""
+    import train_gpt2_cuda as tc
+    wide = dict(max_seq_len=8, vocab_size=60, padded_vocab_size=64, num_layers=1, num_heads=4)
+    tc._check_shape(common.GPT2Config(**wide, channels=4096), 1, 8)
+    with pytest.raises(common.UserError, match="at most 4096 channels, not 4100"):
+        tc._check_shape(common.GPT2Config(**wide, channels=4100), 1, 8)
+
+
 # -----------------------------------------------------------------------------
 # Datasets: prepro --input output trains
 
