@@ -57,7 +57,9 @@ leading dimensions, transposes, epilogues, bounds-checked), so the tests cover t
 plumbing too.
 """
 
+import json
 import math
+import os
 import weakref
 from types import SimpleNamespace
 
@@ -90,10 +92,8 @@ CS_COLS = 2 if SIM else 16             # column sums: block = CS_COLS quads (4 c
 CS_ROWS = 4 if SIM else 16             # (at least 4: the block's first 4 CS_COLS threads finish a column each)
 CS_WIDTH = 4 * CS_COLS                 # columns of a column-sum block
 CS_CHUNK = 12 if SIM else 256          # rows per column-sum block (partials per chunk, then a fixed-order sum)
-LNB_BLOCKS = 3 if SIM else 132 * 5     # layernorm backward: blocks (rows strided over them; a partial sum each)
-LNB_SHARED_BYTES = 36 << 10            # ... its column sums' shared memory: warps = this / (3 C floats), at
-                                       # least 1 (so up to SHARED_MAX_BYTES: 4096 channels)
-SHARED_MAX_BYTES = 48 << 10            # the dynamic shared memory a block takes without opting in
+LNB_BLOCKS = 3 if SIM else 132 * 8     # layernorm backward: blocks (rows strided over them; a partial sum each)
+MAX_THREADS = 1024                     # a block's threads: the layernorm backward's are C / 4, so C <= 4096
 ENC_QUADS = 2 if SIM else 64           # wte backward: block = ENC_QUADS quad columns x ENC_GROUPS
 ENC_GROUPS = 3 if SIM else 8           # position groups
 ENC_WIDTH = 4 * ENC_QUADS
@@ -165,6 +165,21 @@ if SIM:
                 s = sh[i]
         cuda.syncthreads()
         return s
+
+    @cuda.jit(device=True)
+    def block_sum2(x, y, sh, buf):
+        # sums of x and of y over a 1-D block; sh: shared (2, 2, RED_N), of which half buf
+        # is written: a caller that alternates buf between calls needs no second sync
+        tid = cuda.threadIdx.x
+        sh[buf, 0, tid] = x
+        sh[buf, 1, tid] = y
+        cuda.syncthreads()
+        s = sh[buf, 0, 0]
+        t = sh[buf, 1, 0]
+        for i in range(1, cuda.blockDim.x):
+            s += sh[buf, 0, i]
+            t += sh[buf, 1, i]
+        return s, t
 else:
     @cuda.jit(device=True)
     def _shfl_sum(x):
@@ -217,6 +232,22 @@ else:
             s = max(s, sh[w])
         cuda.syncthreads()
         return s
+
+    @cuda.jit(device=True)
+    def block_sum2(x, y, sh, buf):
+        tid = cuda.threadIdx.x
+        x = _shfl_sum(x)
+        y = _shfl_sum(y)
+        if tid % 32 == 0:
+            sh[buf, 0, tid // 32] = x
+            sh[buf, 1, tid // 32] = y
+        cuda.syncthreads()
+        s = sh[buf, 0, 0]
+        t = sh[buf, 1, 0]
+        for w in range(1, cuda.blockDim.x // 32):
+            s += sh[buf, 0, w]
+            t += sh[buf, 1, w]
+        return s, t
 
 
 # -----------------------------------------------------------------------------
@@ -698,93 +729,65 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
 
 @cuda.jit(**JIT)
 def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow, part):
-    # dinp (+)= the layernorm input gradient, one warp per row (rows strided over the grid),
-    # float32 row sums as the CPU; with has_shadow, shadow = dinp too (the bf16 copy of a
-    # float32 residual gradient that the matmuls read). Quads. On the way, the block's
-    # column sums go to part[block, :] = [sum dout * norm (the weight gradient) | sum dout
-    # (the bias gradient) | sum of the new dinp (the bias gradient of the matmul whose
-    # output this layernorm read)]: each warp adds its rows into its own slice of shared
-    # memory, laid out (sum, column % 4, column // 4) so that a lane owns its columns (no
-    # races) and the lanes of a warp hit distinct banks; then the warps are added in
-    # order, so the result is deterministic; colsum (mode 2) adds the blocks up. The
-    # weight and bias gradients thus cost no second read of dout and inp. (Keeping a
-    # lane's quads of the row in registers between the two passes measured slower on the
-    # H200: 164 vs 111 us at 16384 x 768, the registers cost the occupancy.)
-    sh = cuda.shared.array((ROWS, LANES), float32)   # warp sums under the simulator
-    acc = cuda.shared.array(0, float32)               # dynamic: (warps, 3 * 4, C / 4)
-    lane = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    W = cuda.blockDim.y
+    # dinp (+)= the layernorm input gradient, float32 row sums as the CPU; with has_shadow,
+    # shadow = dinp too (the bf16 copy of a float32 residual gradient that the matmuls
+    # read). Thread k of a block owns quad k (columns 4k..4k+3) of every row, the blocks
+    # strided over the rows: a row's two sums are one block reduction, and the thread's
+    # column sums stay in its registers, written at the end as the block's partial sums
+    # part[block, :] = [sum dout * norm (the weight gradient) | sum dout (the bias
+    # gradient) | sum of the new dinp (the bias gradient of the matmul whose output this
+    # layernorm read)], which colsum (mode 2) adds up: fixed orders, deterministic. So
+    # the weight and bias gradients cost no second read of dout and inp. (The warp-a-row
+    # kernel this replaced kept each warp's column sums in shared memory, which held it to
+    # 20 warps an SM: 102 against 52 us at 16384 x 768 on the H200.)
+    sh = cuda.shared.array((2, 2, RED_N), float32)  # the row sums' per-warp partials, double buffered
+    k = cuda.threadIdx.x
     N = inp.shape[0]
     nq = inp.shape[1]
-    C = 4 * nq
-    Cf = float32(C)
-    at = ty * 3 * C
-    for c in range(lane, 3 * C, LANES):
-        acc[at + c] = F0
-    cuda.syncthreads()  # (a lane's columns are not the ones it zeroed)
-    for i0 in range(cuda.blockIdx.x * W, N, cuda.gridDim.x * W):  # block-uniform (the simulator's warp sums sync)
-        i = i0 + ty
-        ii = i if i < N else 0
-        nk = nq if i < N else 0
-        m = mean[ii]
-        s = rstd[ii]
-        a = F0
-        bb = F0
-        for k in range(lane, nk, LANES):
-            x0, x1, x2, x3 = ld4(inp, ii, k)
-            w0, w1, w2, w3 = ld4(w, 0, k)
-            d0, d1, d2, d3 = ld4(dout, ii, k)
-            g0 = w0 * d0
-            g1 = w1 * d1
-            g2 = w2 * d2
-            g3 = w3 * d3
-            a += (g0 + g1) + (g2 + g3)
-            bb += (g0 * ((x0 - m) * s) + g1 * ((x1 - m) * s)) + (g2 * ((x2 - m) * s) + g3 * ((x3 - m) * s))
-        a = warp_sum(a, sh, ty) / Cf
-        bb = warp_sum(bb, sh, ty) / Cf
-        for k in range(lane, nk, LANES):
-            x0, x1, x2, x3 = ld4(inp, ii, k)
-            w0, w1, w2, w3 = ld4(w, 0, k)
-            d0, d1, d2, d3 = ld4(dout, ii, k)
-            n0 = (x0 - m) * s
-            n1 = (x1 - m) * s
-            n2 = (x2 - m) * s
-            n3 = (x3 - m) * s
-            v0 = (w0 * d0 - a - n0 * bb) * s
-            v1 = (w1 * d1 - a - n1 * bb) * s
-            v2 = (w2 * d2 - a - n2 * bb) * s
-            v3 = (w3 * d3 - a - n3 * bb) * s
+    Cf = float32(4 * nq)
+    mine = k < nq  # (the block is whole warps)
+    w0 = w1 = w2 = w3 = F0
+    if mine:
+        w0, w1, w2, w3 = ld4(w, 0, k)
+    p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = r0 = r1 = r2 = r3 = F0
+    buf = 0
+    for i in range(cuda.blockIdx.x, N, cuda.gridDim.x):  # block-uniform (the block reduction syncs)
+        m = mean[i]
+        s = rstd[i]
+        x0 = x1 = x2 = x3 = d0 = d1 = d2 = d3 = o0 = o1 = o2 = o3 = F0
+        if mine:
+            x0, x1, x2, x3 = ld4(inp, i, k)
+            d0, d1, d2, d3 = ld4(dout, i, k)
             if not overwrite:
-                o0, o1, o2, o3 = ld4(dinp, ii, k)
-                v0, v1, v2, v3 = add4(v0, v1, v2, v3, o0, o1, o2, o3)
-            st4(dinp, ii, k, v0, v1, v2, v3)
+                o0, o1, o2, o3 = ld4(dinp, i, k)
+        n0 = (x0 - m) * s
+        n1 = (x1 - m) * s
+        n2 = (x2 - m) * s
+        n3 = (x3 - m) * s
+        g0 = w0 * d0
+        g1 = w1 * d1
+        g2 = w2 * d2
+        g3 = w3 * d3
+        a, bb = block_sum2((g0 + g1) + (g2 + g3), (g0 * n0 + g1 * n1) + (g2 * n2 + g3 * n3), sh, buf)
+        buf = 1 - buf
+        a /= Cf
+        bb /= Cf
+        if mine:
+            v0 = (g0 - a - n0 * bb) * s + o0
+            v1 = (g1 - a - n1 * bb) * s + o1
+            v2 = (g2 - a - n2 * bb) * s + o2
+            v3 = (g3 - a - n3 * bb) * s + o3
+            st4(dinp, i, k, v0, v1, v2, v3)
             if has_shadow:
-                st4(shadow, ii, k, v0, v1, v2, v3)
-            c = at + k
-            acc[c] += d0 * n0
-            acc[c + nq] += d1 * n1
-            acc[c + 2 * nq] += d2 * n2
-            acc[c + 3 * nq] += d3 * n3
-            c += 4 * nq
-            acc[c] += d0
-            acc[c + nq] += d1
-            acc[c + 2 * nq] += d2
-            acc[c + 3 * nq] += d3
-            c += 4 * nq
-            acc[c] += v0
-            acc[c + nq] += v1
-            acc[c + 2 * nq] += v2
-            acc[c + 3 * nq] += v3
-    cuda.syncthreads()
-    for c in range(ty * LANES + lane, 3 * C, W * LANES):
-        q = c // C  # which sum
-        r = c - q * C
-        j = (q * 4 + r % 4) * nq + r // 4
-        tot = acc[j]
-        for wp in range(1, W):
-            tot += acc[wp * 3 * C + j]
-        part[cuda.blockIdx.x, c] = tot
+                st4(shadow, i, k, v0, v1, v2, v3)
+            p0, p1, p2, p3 = add4(p0, p1, p2, p3, d0 * n0, d1 * n1, d2 * n2, d3 * n3)
+            q0, q1, q2, q3 = add4(q0, q1, q2, q3, d0, d1, d2, d3)
+            r0, r1, r2, r3 = add4(r0, r1, r2, r3, v0, v1, v2, v3)
+    if mine:
+        b = cuda.blockIdx.x
+        st4(part, b, k, p0, p1, p2, p3)
+        st4(part, b, nq + k, q0, q1, q2, q3)
+        st4(part, b, 2 * nq + k, r0, r1, r2, r3)
 
 
 @cuda.jit(device=True)
@@ -1186,10 +1189,10 @@ def layernorm_backward(scratch, dinp, dout, inp, w, mean, rstd, overwrite, dw, d
     of the new dinp: the bias gradient of the matmul whose output inp is (None: there is
     none); shadow: a bf16 copy of dinp."""
     C = inp.shape[1]
-    warps = max(1, min(ROWS, LNB_SHARED_BYTES // (4 * 3 * C)))
-    _launch(k_layernorm_backward, LNB_BLOCKS, (LANES, warps), shared=4 * 3 * C * warps)(
+    threads = (C // 4 + LANES - 1) // LANES * LANES  # a thread a quad, whole warps
+    _launch(k_layernorm_backward, LNB_BLOCKS, threads)(
         quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
-        quads(dinp if shadow is None else shadow), int(shadow is not None), scratch.part)
+        quads(dinp if shadow is None else shadow), int(shadow is not None), quads(scratch.part))
     colsum(scratch.sums, dw, scratch.part, accumulate, mode=2, out2=db,
            out3=scratch.unused if dbias is None else dbias)
 
@@ -1386,6 +1389,69 @@ class Blas:
 
 R_32F, R_16BF, COMPUTE_32F = 0, 14, 68   # cudaDataType / cublasComputeType_t values
 LT_WORKSPACE = 32 << 20                   # bytes (cuBLASLt's recommendation for Hopper)
+LT_CANDIDATES = 8                         # algorithms of the heuristic timed per matmul shape
+LT_TIMING_REPS = 5                        # timed calls per candidate (the median counts)
+
+
+def tuning_cache_path():
+    """Where the matmul algorithm choices are kept, per GPU and cuBLASLt version:
+    $GPT2PY_TUNING_CACHE, else gpt2py/cublaslt_algorithms.json in $XDG_CACHE_HOME (~/.cache)."""
+    path = os.environ.get("GPT2PY_TUNING_CACHE")
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2py", "cublaslt_algorithms.json")
+
+
+def load_tuning(path):
+    """The algorithm choices saved at path ({} when there are none; a file that is not
+    such a JSON object is ignored, with a one-line warning, and rewritten on the next save)."""
+    try:
+        with open(path) as f:
+            chosen = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as e:
+        print(f"warning: ignoring the matmul tuning cache {path}: {type(e).__name__}: {e}")
+        return {}
+    if not isinstance(chosen, dict) or not all(isinstance(v, int) for v in chosen.values()):
+        print(f"warning: ignoring the matmul tuning cache {path}: not a JSON object of algorithm indices")
+        return {}
+    return chosen
+
+
+def save_tuning(path, name, index):
+    """Add name: index to the choices at path, merged with what other processes saved
+    meanwhile, written whole to a temporary file and renamed over it. A cache that cannot
+    be written costs nothing but the timing again next run (one warning)."""
+    try:
+        chosen = load_tuning(path)
+        chosen[name] = int(index)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(chosen, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"warning: could not save the matmul tuning cache {path}: {e}")
+
+
+def choose_algorithm(chosen, name, count, time_candidate):
+    """The index (of the heuristic's count candidates) a matmul shape uses: the one saved
+    under name in chosen, else the fastest by time_candidate(index) (seconds; None: the
+    candidate failed), which is then saved in chosen. Timing picks among near-equal
+    algorithms by noise, and each sums in its own order: the saved choice is what makes
+    a seed repeat its losses run after run."""
+    index = chosen.get(name)
+    if index is not None and 0 <= index < count:
+        return index, False
+    times = [time_candidate(j) for j in range(count)]
+    ok = [j for j in range(count) if times[j] is not None]
+    if not ok:
+        raise RuntimeError(f"cuBLASLt: none of the {count} algorithms for {name} ran")
+    index = min(ok, key=lambda j: times[j])
+    chosen[name] = index
+    return index, True
 
 
 def _alignment(*addrs):
@@ -1418,9 +1484,12 @@ def _gelu_grad_np(x):
 class Lt:
     """cuBLASLt through nvmath-python's bindings: bf16 operands, float32 accumulation,
     bf16 or float32 output, and the epilogues the bf16 step fuses: the bias, bias + GELU
-    (keeping the pre-activation), and the GELU backward. One plan (descriptors and the
-    heuristic's algorithm) per shape, made on first use; a call is one cublasLtMatmul.
-    Under the simulator, the same contract in numpy."""
+    (keeping the pre-activation), and the GELU backward. One plan (descriptors and an
+    algorithm) per shape, made on first use; a call is one cublasLtMatmul. The algorithm:
+    the heuristic's first LT_CANDIDATES are timed on that first call's operands and the
+    fastest is kept, saved per GPU and cuBLASLt version in the tuning cache
+    (tuning_cache_path), so later runs skip the timing and repeat the same sums. Under
+    the simulator, the same contract in numpy."""
 
     def __init__(self, stream_ptr):
         self.plans = {}
@@ -1433,6 +1502,10 @@ class Lt:
         self.handle = cublasLt.create()
         self.workspace = cuda.device_array(LT_WORKSPACE, dtype=np.uint8)
         self.ws_addr = _addr(self.workspace)
+        name = cuda.get_current_device().name
+        self.tuning_prefix = f"{name.decode() if isinstance(name, bytes) else name}|cublasLt {cublasLt.get_version()}|"
+        self.tuning_path = tuning_cache_path()
+        self.chosen = load_tuning(self.tuning_path)
 
     def _plan(self, key):
         lt = self.lt
@@ -1458,14 +1531,49 @@ class Lt:
                             (prefs.MIN_ALIGNMENT_D_BYTES, align)):
             buf = np.array([value], dtype=np.uint64 if attr == prefs.MAX_WORKSPACE_BYTES else np.uint32)
             lt.matmul_preference_set_attribute(pref, attr, buf.ctypes.data, buf.itemsize)
-        result = np.zeros(1, dtype=lt.matmul_heuristic_result_dtype)
+        results = np.zeros(LT_CANDIDATES, dtype=lt.matmul_heuristic_result_dtype)
         count = np.zeros(1, dtype=np.int32)
-        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, lc, lc, pref, 1, result.ctypes.data, count.ctypes.data)
+        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, lc, lc, pref, LT_CANDIDATES, results.ctypes.data,
+                                     count.ctypes.data)
         lt.matmul_preference_destroy(pref)
         if count[0] == 0:
             raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
         ptrs = np.zeros(2, dtype=np.intp)  # bias and aux pointers, set per call
-        return SimpleNamespace(desc=desc, la=la, lb=lb, lc=lc, result=result, ptrs=ptrs)
+        return SimpleNamespace(desc=desc, la=la, lb=lb, lc=lc, results=results[:count[0]], result=None, ptrs=ptrs)
+
+    def _choose(self, plan, key, call, C, nbytes, reads_C):
+        """plan.result: the saved choice for key, else the fastest candidate, timed by
+        call(result) on this call's operands (C, nbytes long, kept aside and restored
+        when the call reads it)."""
+        import cupy
+        stream = cupy.cuda.ExternalStream(self.stream)
+        saved = []
+
+        def time_candidate(j):
+            if reads_C and not saved:
+                saved.append(cuda.device_array(nbytes, dtype=np.uint8))  # (not CuPy's pool: freed after)
+                cupy.cuda.runtime.memcpyAsync(_addr(saved[0]), C, nbytes, 3, self.stream)
+            result = plan.results[j:j + 1]
+            events = [cupy.cuda.Event() for _ in range(LT_TIMING_REPS + 1)]
+            try:
+                call(result)
+                events[0].record(stream)
+                for e in events[1:]:
+                    call(result)
+                    e.record(stream)
+                events[-1].synchronize()
+            except self.lt.cuBLASLtError:
+                stream.synchronize()
+                return None
+            return float(np.median([cupy.cuda.get_elapsed_time(a, b) for a, b in zip(events, events[1:])]))
+        name = self.tuning_prefix + ",".join(str(int(x)) for x in key)
+        index, timed = choose_algorithm(self.chosen, name, len(plan.results), time_candidate)
+        if timed:
+            save_tuning(self.tuning_path, name, index)
+        if saved:
+            cupy.cuda.runtime.memcpyAsync(C, _addr(saved[0]), nbytes, 3, self.stream)
+            stream.synchronize()
+        plan.result = plan.results[index:index + 1]
 
     def matmul(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, out_fp32=False, accumulate=False, add=0, bias=0,
                gelu_aux=0, dgelu_aux=0):
@@ -1497,8 +1605,13 @@ class Lt:
             plan.ptrs[1] = gelu_aux or dgelu_aux
             lt.matmul_desc_set_attribute(plan.desc, attrs.EPILOGUE_AUX_POINTER, plan.ptrs.ctypes.data + 8, 8)
         beta = self.one if accumulate or add else self.zero
-        lt.matmul(self.handle, plan.desc, self.one.ctypes.data, B, plan.la, A, plan.lb, beta.ctypes.data,
-                  add or C, plan.lc, C, plan.lc, plan.result.ctypes.data, self.ws_addr, LT_WORKSPACE, self.stream)
+
+        def call(result):
+            lt.matmul(self.handle, plan.desc, self.one.ctypes.data, B, plan.la, A, plan.lb, beta.ctypes.data,
+                      add or C, plan.lc, C, plan.lc, result.ctypes.data, self.ws_addr, LT_WORKSPACE, self.stream)
+        if plan.result is None:
+            self._choose(plan, key, call, C, M * ldc * (4 if out_fp32 else 2), accumulate or add == C)
+        call(plan.result)
 
     def _emulate(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add, bias, gelu_aux, dgelu_aux, out_fp32):
         opA = _emu_matrix(A, M, K, lda) if tA else _emu_matrix(A, K, M, lda).T
@@ -1682,8 +1795,8 @@ def _check_shape(cfg, B, T):
     if cfg.channels % 4 or cfg.padded_vocab_size % 4:  # the row kernels' packed access (quads)
         raise common.UserError(f"the GPU needs channels and padded vocab size that are multiples of 4, not "
                                f"{cfg.channels} and {cfg.padded_vocab_size}")
-    if 12 * cfg.channels > SHARED_MAX_BYTES:  # one warp's column sums in the layernorm backward
-        raise common.UserError(f"the GPU takes at most {SHARED_MAX_BYTES // 12} channels, not {cfg.channels}")
+    if cfg.channels > 4 * MAX_THREADS:  # the layernorm backward's block: a thread per 4 channels
+        raise common.UserError(f"the GPU takes at most {4 * MAX_THREADS} channels, not {cfg.channels}")
 
 
 def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):

@@ -1115,13 +1115,70 @@ def test_gpu_needs_channels_and_padded_vocab_divisible_by_4(files, tmp_path):
 
 
 def test_gpu_channel_limit_is_4096():
-    """The layernorm backward keeps one warp's column sums (3 C floats) in 48 KiB of shared
-    memory: 4096 channels pass the GPU's shape check, 4100 get the one-line error."""
+    """The layernorm backward's block has a thread per 4 channels, at most 1024: 4096
+    channels pass the GPU's shape check, 4100 get the one-line error."""
     import train_gpt2_cuda as tc
     wide = dict(max_seq_len=8, vocab_size=60, padded_vocab_size=64, num_layers=1, num_heads=4)
     tc._check_shape(common.GPT2Config(**wide, channels=4096), 1, 8)
     with pytest.raises(common.UserError, match="at most 4096 channels, not 4100"):
         tc._check_shape(common.GPT2Config(**wide, channels=4100), 1, 8)
+
+
+def test_matmul_tuning_picks_the_fastest_and_keeps_it():
+    """cuBLASLt algorithm choice (train_gpt2_cuda.choose_algorithm): the fastest of the
+    timed candidates, skipping those that failed; a saved choice is reused without timing
+    (that is what repeats a seed's losses run after run); a saved index past the
+    heuristic's candidates is timed again."""
+    import train_gpt2_cuda as tc
+    calls = []
+
+    def timer(times):
+        def time_candidate(j):
+            calls.append(j)
+            return times[j]
+        return time_candidate
+    chosen = {}
+    assert tc.choose_algorithm(chosen, "k", 4, timer([3.0, None, 1.5, 2.0])) == (2, True)
+    assert chosen == {"k": 2} and calls == [0, 1, 2, 3]
+    calls.clear()
+    assert tc.choose_algorithm(chosen, "k", 4, timer([0.1, 0.1, 9.0, 0.1])) == (2, False)
+    assert calls == []
+    chosen["k"] = 5
+    assert tc.choose_algorithm(chosen, "k", 4, timer([3.0, 1.0, 2.0, 4.0])) == (1, True)
+    with pytest.raises(RuntimeError, match="none of the 2 algorithms"):
+        tc.choose_algorithm({}, "k", 2, timer([None, None]))
+
+
+def test_matmul_tuning_cache_file(tmp_path, monkeypatch, capsys):
+    """The tuning cache: its path ($GPT2PY_TUNING_CACHE, else under $XDG_CACHE_HOME), saves
+    merged with what is there, a corrupt file ignored with one warning line and rewritten,
+    an unwritable place a warning and no exception."""
+    import train_gpt2_cuda as tc
+    monkeypatch.delenv("GPT2PY_TUNING_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tc.tuning_cache_path() == str(tmp_path / "xdg" / "gpt2py" / "cublaslt_algorithms.json")
+    path = str(tmp_path / "sub" / "tune.json")
+    monkeypatch.setenv("GPT2PY_TUNING_CACHE", path)
+    assert tc.tuning_cache_path() == path
+    assert tc.load_tuning(path) == {}
+    tc.save_tuning(path, "a", 3)
+    tc.save_tuning(path, "b", 0)
+    assert json.loads(Path(path).read_text()) == {"a": 3, "b": 0}
+    assert tc.load_tuning(path) == {"a": 3, "b": 0}
+    for bad in ("{not json", '["a", 1]', '{"a": "x"}'):
+        Path(path).write_text(bad)
+        capsys.readouterr()
+        assert tc.load_tuning(path) == {}
+        out = capsys.readouterr().out
+        assert out.startswith("warning: ignoring the matmul tuning cache") and out.count("\n") == 1
+    tc.save_tuning(path, "c", 1)
+    assert tc.load_tuning(path) == {"c": 1}
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    capsys.readouterr()
+    tc.save_tuning(str(blocker / "tune.json"), "a", 1)  # its folder is a file
+    out = capsys.readouterr().out
+    assert out.startswith("warning: could not save the matmul tuning cache") and out.count("\n") == 1
 
 
 # -----------------------------------------------------------------------------
