@@ -2,8 +2,9 @@
 there, one call): `python dev/step_probe.py [lnb|mm|all]`. mm: every cuBLASLt matmul
 shape of a GPT-2 124M step at B=16, T=1024, each of the heuristic's first 8 algorithms
 timed (what Lt's tuning chooses among), and the bias-gradient epilogues (BGRADB on the
-weight-gradient matmuls, its bias gradient checked against column sums). lnb: the
-layernorm backward at 16384 x 768 over a range of grids. Prints timings."""
+weight-gradient matmuls, DGELU_BGRAD on the fc input gradient; their bias gradients
+checked against column sums). lnb: the layernorm backward at 16384 x 768 over a range
+of grids. Prints timings."""
 import os
 import sys
 
@@ -122,7 +123,7 @@ def probe_matmuls():
         Cm = buf(f"C{M}x{N}{out_fp32}", M * N, np.float32 if out_fp32 else np.uint16)
         aux = buf(f"aux{M}x{N}", M * N, scale=1.0)
         bias = buf(f"bias{max(M, N)}_{bias_type}", max(M, N), np.float32 if bias_type != R_16BF else np.uint16)
-        if epilogue != E.DEFAULT:
+        if epilogue in (E.BIAS, E.GELU_AUX_BIAS, E.BGRADB, E.DGELU_BGRAD):
             set_attr(attrs.BIAS_POINTER, _addr(bias), np.intp)
         if epilogue in (E.DGELU, E.DGELU_BGRAD, E.GELU_AUX_BIAS):
             set_attr(attrs.EPILOGUE_AUX_POINTER, _addr(aux), np.intp)
@@ -183,6 +184,7 @@ def probe_matmuls():
     for label, tA, tB, M, N, K, of, epi in shapes:
         run_all(label, tA, tB, M, N, K, of, epi)
     # bias-gradient epilogues
+    run_all("bwd dfch DGELU_BGRAD", False, False, BT, 4 * C, C, False, E.DGELU_BGRAD, check_bias="C")
     run_all("bwd gfcw BGRADB fp32", True, False, 4 * C, C, BT, True, E.BGRADB, check_bias="A")
     run_all("bwd gfcw BGRADB fp32 acc", True, False, 4 * C, C, BT, True, E.BGRADB, accumulate=True)
     run_all("bwd gqkvw BGRADB fp32", True, False, 3 * C, C, BT, True, E.BGRADB, check_bias="A")
