@@ -106,8 +106,8 @@ if [ "$what" = all ] || [ "$what" = determinism ] || [ "$what" = anchors ]; then
     # the first run times the matmul algorithms into a fresh tuning cache, the second reads its choices
     rm -f "$OUT/determinism_tuning.json"
     for run in 1 2; do
-        GPT2PY_TUNING_CACHE="$OUT/determinism_tuning.json" step python3 train_gpt2.py --device cuda --precision bf16 -i "$TRAIN" -j "" -b 16 -t 1024 -x 10 -v 0 -s 0 \
-            -l 6e-4 -u 5 --seed 1337 -o "$OUT/determinism_$run"
+        GPT2PY_TUNING_CACHE="$OUT/determinism_tuning.json" step python3 train_gpt2.py --device cuda --precision bf16 \
+            -i "$TRAIN" -j "" -b 16 -t 1024 -x 10 -v 0 -s 0 -l 6e-4 -u 5 --seed 1337 -o "$OUT/determinism_$run"
     done
     python3 - "$OUT" <<'PY' || status=1
 import json, sys

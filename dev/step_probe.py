@@ -3,8 +3,10 @@ there, one call): `python dev/step_probe.py [lnb|mm|all]`. mm: every cuBLASLt ma
 shape of a GPT-2 124M step at B=16, T=1024, each of the heuristic's first 8 algorithms
 timed (what Lt's tuning chooses among), and the bias-gradient epilogues (BGRADB on the
 weight-gradient matmuls, DGELU_BGRAD on the fc input gradient; their bias gradients
-checked against column sums). lnb: the layernorm backward at 16384 x 768 over a range
-of grids. Prints timings."""
+checked against column sums). Its descriptors are its own (they also take the bias-
+gradient epilogues, which Lt never uses) and set no alignment preferences, so a shape's
+candidate list can differ from the one Lt times. lnb: the layernorm backward at
+16384 x 768 over a range of grids. Prints timings."""
 import os
 import sys
 
