@@ -62,6 +62,13 @@ def shard_size(n, world):
     return (n + world - 1) // world
 
 
+def owner_pieces(lo, hi, shard_size, world):
+    """(rank, start, end) of the pieces of [lo, hi) that fall in each rank's shard of a flat
+    buffer cut into shards of shard_size values."""
+    return [(r, max(lo, r * shard_size), min(hi, (r + 1) * shard_size)) for r in range(world)
+            if max(lo, r * shard_size) < min(hi, (r + 1) * shard_size)]
+
+
 def shard_range(n, world, rank):
     """[lo, hi) of rank's shard, cut at the end of the buffer."""
     size = shard_size(n, world)
@@ -147,18 +154,22 @@ class MPIGroup:
     # the same collectives on device arrays, through host copies: what GPU ranks use
     # under Numba's CUDA simulator (no NCCL there), so the tests cover the CUDA target's
     # data-parallel logic on a machine without a GPU
-    def allreduce_sum_device(self, array):
-        host = array.copy_to_host()
+    def allreduce_sum_device(self, array, lo=0, hi=None, stream=0):
+        part = array[lo:array.size if hi is None else hi]
+        host = part.copy_to_host()
         self.allreduce_sum(host)
-        array.copy_to_device(host)
+        part.copy_to_device(host)
 
-    def reduce_scatter_sum_device(self, array, shard):
-        import numpy as np
-        host, part = array.copy_to_host(), np.empty(shard.shape, dtype=shard.dtype)
-        self.comm.Reduce_scatter_block(host, part, op=self.MPI.SUM)
-        shard.copy_to_device(part)
+    def reduce_to_owners_device(self, array, lo, hi, shard_size, stream=0):
+        for owner, a, b in owner_pieces(lo, hi, shard_size, self.world):
+            piece = array[a:b]
+            host = piece.copy_to_host()
+            total = host.copy() if self.rank == owner else None
+            self.comm.Reduce(host, total, op=self.MPI.SUM, root=owner)
+            if self.rank == owner:
+                piece.copy_to_device(total)
 
-    def allgather_device(self, array):
+    def allgather_device(self, array, stream=0):
         host = array.copy_to_host()
         self.comm.Allgather(self.MPI.IN_PLACE, host)
         array.copy_to_device(host)
@@ -201,10 +212,10 @@ def setup(device, nccl_init_dir=None):
         group = SimpleNamespace(rank=rank, world=world, local_rank=local_rank, engine="environment")
     else:
         return SINGLE
-    if group.world == 1:
-        return SINGLE
-    if device != "cuda" or simulator:
-        return group
+    if device != "cuda" or simulator:  # CPU ranks (or the simulator's stand-in) talk through MPI
+        return SINGLE if group.world == 1 else group
+    # GPU ranks use NCCL even when there is one (as PyTorch's DDP does): a one-rank launch
+    # runs every collective, so one GPU checks the path that several take
     try:
         from numba import cuda
         cuda.select_device(group.local_rank)  # before CuPy, cuBLAS and NCCL bind to the current device
@@ -250,10 +261,10 @@ def device_pointer(array):
 
 
 class NCCLGroup:
-    """The GPU ranks' NCCL communicator: collectives on device float32 buffers, given as
-    raw device pointers, on the default stream (where the Numba kernels and cuBLAS run,
-    so they order after the backward pass with no extra synchronization). Shards are
-    equal: the flat buffers are padded to a multiple of the world size."""
+    """The GPU ranks' NCCL communicator: collectives on device buffers given as raw device
+    pointers, on the stream the caller names (0: the legacy default stream, where the
+    fp32 kernels and cuBLAS run). Shards are equal: the flat buffers are padded to a
+    multiple of the world size."""
 
     def __init__(self, group, init_dir=None):
         from cupy.cuda import nccl
@@ -261,29 +272,43 @@ class NCCLGroup:
         self.rank, self.world, self.local_rank = group.rank, group.world, group.local_rank
         self.engine = f"nccl ({group.engine} launch)"
         uid = share_nccl_id(group, lambda: bytes(b % 256 for b in nccl.get_unique_id()), init_dir)
-        self.comm = nccl.NcclCommunicator(self.world, tuple(b - 256 if b > 127 else b for b in uid), self.rank)
+        try:
+            self.comm = nccl.NcclCommunicator(self.world, bytes(uid), self.rank)
+        except Exception as e:  # noqa: BLE001  (NCCL's own errors: no GPU access, a bad id, a peer gone)
+            raise DistributedError(f"rank {self.rank}: NCCL could not start ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())})")
         if init_dir and group.engine != "mpi" and self.rank == 0 and os.path.exists(id_file_path(init_dir)):
             os.remove(id_file_path(init_dir))  # every rank has joined, so every rank has read it
 
     def _type(self, array):
         return self.nccl.NCCL_FLOAT64 if array.dtype.itemsize == 8 else self.nccl.NCCL_FLOAT32
 
-    def allreduce_sum_device(self, array):
-        """In place, float32 or float64."""
-        pointer = device_pointer(array)
-        self.comm.allReduce(pointer, pointer, array.size, self._type(array), self.nccl.NCCL_SUM, 0)
+    def allreduce_sum_device(self, array, lo=0, hi=None, stream=0):
+        """array[lo:hi] summed over the ranks, in place (float32 or float64)."""
+        hi = array.size if hi is None else hi
+        pointer = device_pointer(array) + array.dtype.itemsize * lo
+        self.comm.allReduce(pointer, pointer, hi - lo, self._type(array), self.nccl.NCCL_SUM, stream)
 
-    def reduce_scatter_sum_device(self, array, shard):
-        """shard = this rank's 1/N of the sum of every rank's array (array.size = N * shard.size)."""
-        self.comm.reduceScatter(device_pointer(array), device_pointer(shard), shard.size, self._type(array),
-                                self.nccl.NCCL_SUM, 0)
+    def reduce_to_owners_device(self, array, lo, hi, shard_size, stream=0):
+        """Each piece of array[lo:hi] inside a rank's shard (of shard_size values) summed
+        over the ranks onto that rank, in place (NCCL reduces, one group); the pieces of
+        other ranks' shards keep this rank's own values. A bucket's share of a
+        reduce-scatter, so every rank's shard is its own as a whole-buffer one leaves it."""
+        base, size = device_pointer(array), array.dtype.itemsize
+        self.nccl.groupStart()
+        try:
+            for owner, a, b in owner_pieces(lo, hi, shard_size, self.world):
+                pointer = base + size * a
+                self.comm.reduce(pointer, pointer, b - a, self._type(array), self.nccl.NCCL_SUM, owner, stream)
+        finally:
+            self.nccl.groupEnd()
 
-    def allgather_device(self, array):
+    def allgather_device(self, array, stream=0):
         """In place: each rank's 1/N of array (its own shard, updated) to every rank."""
         count = array.size // self.world
         pointer = device_pointer(array)
         own = pointer + array.dtype.itemsize * self.rank * count
-        self.comm.allGather(own, pointer, count, self._type(array), 0)
+        self.comm.allGather(own, pointer, count, self._type(array), stream)
 
     # host-side agreement (loss, Ctrl-C, replica check, checkpoint barrier) goes through MPI
     # when there is MPI; under an environment launch, NCCL carries these few numbers too

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
-# From the repository root:   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|anchors|dp]
+# From the repository root:   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|anchors|dp1|dp]
 #   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
 #          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
 #          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
-#          GPT-2 124M (B=4, T=64)
+#          GPT-2 124M (B=4, T=64); test_gpt2.py in fp32, tf32 and bf16 on odd shapes (every
+#          device tensor aligned; bf16 refuses a head size cuDNN cannot take, in one line);
+#          one NCCL rank: every collective, in a CUDA graph too; then dp1
+#   dp1:   one rank through torchrun (NCCL, gradient sums by buckets during the backward)
+#          at -z 0 and -z 1, bf16 and fp32: the losses and norms equal a plain run's bit for
+#          bit, and the one-rank run's checkpoint resumes in a plain run, bit for bit
 #   parity: PyTorch references (tiny, and GPT-2 124M on the first val batch), then
-#          python test_gpt2.py --device cuda on each, strict fp32
+#          python test_gpt2.py --device cuda on each, strict fp32; and bf16 on 124M against
+#          PyTorch's bf16 autocast on the same batch
 #   train: python train_gpt2.py --device cuda, GPT-2 124M from scratch at B=16, T=1024
 #   bench: train GPT-2 124M at B=16, T=1024 through the CUDA target (loss must fall),
 #          tokens/s in strict fp32 and TF32, ours vs PyTorch eager measured in the same
@@ -48,6 +54,41 @@ if [ "$what" = all ] || [ "$what" = check ]; then
     step python3 dev/cuda_check.py kernels
     step python3 dev/cuda_check.py parity --depth 0 --B 2 --T 8 --tf32 0,1 --json "$OUT/parity_tiny.json"
     step python3 dev/cuda_check.py parity --depth 12 --B 4 --T 64 --tf32 0,1 --tokens "$VAL" --json "$OUT/parity_d12.json"
+    step python3 dev/cuda_check.py shapes --count 3 --big
+    step python3 dev/cuda_check.py nccl
+fi
+if [ "$what" = all ] || [ "$what" = check ] || [ "$what" = dp1 ]; then
+    # one NCCL rank through torchrun against a plain run: losses and norms bit for bit; the one-rank
+    # ZeRO-1 run's step-3 checkpoint continued by a plain run, bit for bit
+    export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+    dp1=(train_gpt2.py --device cuda -i "$TRAIN" -j "" -b 4 -t 256 -x 6 -v 0 -s 0 -l 6e-4 -u 2 --seed 1337 -n 3)
+    for prec in bf16 fp32; do
+        rm -rf "$OUT"/dp1_*_$prec
+        step python3 "${dp1[@]}" --precision $prec -o "$OUT/dp1_plain_$prec"
+        for z in 0 1; do
+            step torchrun --standalone --nproc-per-node=1 "${dp1[@]}" --precision $prec -z $z -o "$OUT/dp1_z${z}_$prec"
+        done
+        mkdir -p "$OUT/dp1_resume_$prec"
+        cp "$OUT/dp1_z1_$prec"/model_00000003.bin "$OUT/dp1_z1_$prec"/state_00000003.bin "$OUT/dp1_z1_$prec"/log.jsonl \
+            "$OUT/dp1_resume_$prec"/
+        step python3 "${dp1[@]}" --precision $prec -o "$OUT/dp1_resume_$prec" --resume
+    done
+    python3 - "$OUT" <<'PY' || status=1
+import json, sys
+def steps(name):
+    return [(r["step"], r["loss"], r["norm"]) for r in map(json.loads, open(f"{sys.argv[1]}/{name}/log.jsonl"))
+            if r.get("type") == "train"]
+bad = 0
+for prec in ("bf16", "fp32"):
+    plain = steps(f"dp1_plain_{prec}")
+    for run in ("z0", "z1", "resume"):
+        same = steps(f"dp1_{run}_{prec}") == plain and len(plain) == 6
+        bad += not same
+        print(f"CHECK one NCCL rank {run:6s} {prec}: 6 steps' losses and norms {'identical to' if same else 'DIFFER from'} "
+              f"a plain run's {'OK' if same else 'FAIL'}")
+sys.exit(1 if bad else 0)
+PY
+    rm -f "$OUT"/dp1_*/*.bin
 fi
 if [ "$what" = all ] || [ "$what" = parity ]; then
     mkdir -p data
@@ -59,7 +100,7 @@ if [ "$what" = all ] || [ "$what" = parity ]; then
 fi
 if [ "$what" = all ] || [ "$what" = parity ] || [ "$what" = bf16 ]; then
     [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
-    step python3 dev/cuda_check.py bf16-parity --json "$OUT/parity_bf16.json"
+    step python3 test_gpt2.py --device cuda --precision bf16
 fi
 if [ "$what" = all ] || [ "$what" = train ]; then
     step python3 train_gpt2.py --device cuda -i "$TRAIN" -j "$VAL" --tokenizer .device_data/gpt2_tokenizer.bin \
@@ -101,7 +142,7 @@ print(f"loss curve: val loss after step {val['fp32']['step']}: fp32 {val['fp32']
 sys.exit(0 if d <= 0.01 else 1)
 PY
 fi
-if [ "$what" = all ] || [ "$what" = determinism ] || [ "$what" = anchors ]; then
+if [ "$what" = all ] || [ "$what" = determinism ]; then
     # the same seed twice: every step's loss and norm must repeat exactly (bf16, CUDA graphs, cuDNN attention);
     # the first run times the matmul algorithms into a fresh tuning cache, the second reads its choices
     rm -f "$OUT/determinism_tuning.json"
@@ -121,32 +162,15 @@ PY
     rm -f "$OUT"/determinism_*/*.bin
 fi
 if [ "$what" = anchors ]; then
-    # ours, then the peers (../shared/anchors copied into .anchors/), in one call: GPT-2 124M from scratch at
-    # B=16, T=1024; ours and llm.c bf16 also at B=4, T=64 (llm.c through a patched copy of the script, in /tmp)
-    for r in 1 0; do
-        step python3 dev/cuda_check.py bench --precision bf16 --recompute $r --steps 30 --warmup 5 --tokens "$TRAIN" \
-            --json "$OUT/bench_ours_bf16_r$r.json"
-    done
-    step python3 dev/cuda_check.py bench --precision bf16 --B 4 --T 64 --steps 60 --warmup 10 --tokens "$TRAIN" \
-        --json "$OUT/bench_ours_bf16_small.json"
-    step python3 dev/cuda_check.py bench --precision tf32 --steps 20 --tokens "$TRAIN" --json "$OUT/bench_ours_tf32.json"
-    [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
-    step python3 dev/cuda_check.py bf16-parity --json "$OUT/parity_bf16.json"
-    python3 - <<'PY'   # the measuring script, patched in /tmp: llm.c's device memory, and llm.c bf16 at B=4, T=64
-s = open(".anchors/gpu_anchors.sh").read()
-run = '2>&1 | median_ms)'
-assert run in s
-s = s.replace(run, '2>&1 | tee $b.log | median_ms); grep -m1 "device memory usage" $b.log | sed "s/^/anchor $b: /"', 1)
-end = '  cd - >/dev/null; rm -rf "$work"'
-assert end in s
-small = ('  [ -x llmc_bf16 ] && echo "anchor llmc_bf16 B=4 T=64: median $(timeout 120 ./llmc_bf16 -i "$TRAIN" -j "$VAL" '
-         '-e d12 -b 4 -t 64 -x 60 -v 1000 -s 1000 2>&1 | median_ms) ms/step"\n')
-s = s.replace(end, small + end, 1)
-open("/tmp/gpu_anchors.sh", "w").write(s)
-PY
-    cp -r .anchors/llmc .anchors/cudnn-frontend .anchors/torch_anchor.py /tmp/
-    step timeout "${ANCHORS_TIMEOUT:-440}" bash /tmp/gpu_anchors.sh "$TRAIN" "$VAL"
-    grep -h "^anchor\|^RESULT\|^determinism\|^CHECK bf16" "$OUT/log.txt"
+    # ours and the peers in one call, alternating (ours, the anchors, ours again): GPT-2 from scratch at DEPTH (12),
+    # B (16), T (1024); the peers are ../shared/anchors copied into .anchors/ and carried: llm.c (built here, or
+    # LLMC_BIN=DIR of binaries built earlier; KEEP=DIR keeps them) and, with ANCHORS="llmc torch", PyTorch
+    export DEPTH=${DEPTH:-12} B=${B:-16} T=${T:-1024}
+    ours=(dev/cuda_check.py bench --depth "$DEPTH" --B "$B" --T "$T" --precision bf16 --steps 30 --warmup 5 --tokens "$TRAIN")
+    step python3 "${ours[@]}" --json "$OUT/bench_ours_d${DEPTH}_b${B}_t${T}_1.json"
+    step timeout "${ANCHORS_TIMEOUT:-480}" bash .anchors/gpu_anchors.sh "$TRAIN" "$VAL" ${ANCHORS:-llmc}
+    step python3 "${ours[@]}" --json "$OUT/bench_ours_d${DEPTH}_b${B}_t${T}_2.json"
+    grep -h "^anchor\|^RESULT" "$OUT/log.txt"
     echo "gpu_check: $([ $status -eq 0 ] && echo ALL OK || echo SOME STEPS FAILED)"
     exit $status
 fi

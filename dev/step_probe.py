@@ -13,8 +13,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt2_cuda as tg  # noqa: E402
-from train_gpt2_cuda import cuda, quads, _addr, R_16BF, R_32F, COMPUTE_32F, LT_WORKSPACE  # noqa: E402
+import cuda_kernels as tg  # noqa: E402
+from numba import cuda  # noqa: E402
+from cuda_kernels import quads  # noqa: E402
+from cuda_libraries import addr as _addr, R_16BF, R_32F, COMPUTE_32F, LT_WORKSPACE  # noqa: E402
 import gpt2_common as common  # noqa: E402
 
 

@@ -19,11 +19,13 @@ SHARED_DATA = SHARED / "data"
 TORCH_REFERENCE = REPO_ROOT / "dev" / "torch_reference.py"
 TEST_GPT2 = REPO_ROOT / "test_gpt2.py"
 
-for _p in (str(REPO_ROOT), str(REPO_ROOT / "dev")):
+for _p in (str(REPO_ROOT), str(REPO_ROOT / "dev"), str(REPO_ROOT / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 import gpt2_common as common  # noqa: E402
+
+pytest_plugins = ["ci_skips"]  # under CI=true, a skip fails the run
 
 # The tiny model every model-level test uses.
 TINY = dict(max_seq_len=16, vocab_size=64, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)

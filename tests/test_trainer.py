@@ -1125,11 +1125,11 @@ def test_gpu_channel_limit_is_4096():
 
 
 def test_matmul_tuning_picks_the_fastest_and_keeps_it():
-    """cuBLASLt algorithm choice (train_gpt2_cuda.choose_algorithm): the fastest of the
+    """cuBLASLt algorithm choice (cuda_libraries.choose_algorithm): the fastest of the
     timed candidates, skipping those that failed; a saved choice is reused without timing
     (that is what repeats a seed's losses run after run); a saved index past the
     heuristic's candidates is timed again."""
-    import train_gpt2_cuda as tc
+    import cuda_libraries as tc
     calls = []
 
     def timer(times):
@@ -1153,7 +1153,7 @@ def test_matmul_tuning_cache_file(tmp_path, monkeypatch, capsys):
     """The tuning cache: its path ($GPT2PY_TUNING_CACHE, else under $XDG_CACHE_HOME), saves
     merged with what is there, a corrupt file ignored with one warning line and rewritten,
     an unwritable place a warning and no exception."""
-    import train_gpt2_cuda as tc
+    import cuda_libraries as tc
     monkeypatch.delenv("GPT2PY_TUNING_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert tc.tuning_cache_path() == str(tmp_path / "xdg" / "gpt2py" / "cublaslt_algorithms.json")
