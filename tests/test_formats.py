@@ -289,6 +289,19 @@ def test_cli_bad_inputs(reference, tmp_path, case):
 # ----------------------------------------------------------------------------- DataLoader
 
 
+def test_loader_checks_a_shard_when_first_read_and_names_it(tmp_path):
+    """Opening many shards reads only their headers; a shard's ids are checked when a
+    batch first comes from it, and a bad one is named in one line then (not at start)."""
+    good = write_token_file(tmp_path / "data_000001.bin", np.arange(40) % 64)
+    bad = write_token_file(tmp_path / "data_000002.bin", list(np.arange(39) % 64) + [64])
+    loader = common.DataLoader(str(tmp_path / "data_*.bin"), 2, 4, 64)  # opens: the bad id is not read yet
+    assert loader.paths == [str(good), str(bad)] and loader.num_batches() == 2 * 4
+    for _ in range(4):
+        loader.next_batch()  # the good shard
+    with pytest.raises(common.UserError, match=f"{bad}: token id 64 is outside the vocabulary"):
+        loader.next_batch()
+
+
 LV = 1000  # the loader tests' vocabulary
 
 
@@ -372,8 +385,9 @@ def test_dataloader_visits_files_in_order(tmp_path):
 
 def test_dataloader_checks_vocab(tmp_path):
     path = write_token_file(tmp_path / "t.bin", [1, 2, 3, 4, 5, 6, 7, 8, 99])
+    loader = common.DataLoader(str(path), 1, 4, 64)
     with pytest.raises(common.UserError, match="token id 99"):
-        common.DataLoader(str(path), 1, 4, 64)
+        loader.next_batch()
 
 
 def test_torch_reference_tokens_option(tmp_path):
