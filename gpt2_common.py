@@ -680,7 +680,10 @@ def checkpoint_paths(output_dir, step):
 
 def save_training_checkpoint(model, output_dir, step, extra, keep_last, bfloat16=False):
     """model_NNNNNNNN.bin (llm.c version 3, or version 5 with bfloat16) and the state
-    file (with bfloat16, the float32 master weights too)."""
+    file (with bfloat16, the float32 master weights too). Then prunes: of the complete
+    checkpoints before this one, the newest keep_last - 1 stay (keep_last 0: all), so
+    the pair just written always survives; checkpoints after this step (the abandoned
+    future of a resumed run, replayed by it) are left alone."""
     model_path, state_path = checkpoint_paths(output_dir, step)
     write_checkpoint(model, model_path, bfloat16)
     header = np.zeros(HEADER_INTS, dtype="<i4")
@@ -690,7 +693,9 @@ def save_training_checkpoint(model, output_dir, step, extra, keep_last, bfloat16
     master = [model.params_memory] if bfloat16 else []
     write_file_atomic(state_path, [header, model.m_memory, model.v_memory, *master, blob])  # last: marks it complete
     steps = list_checkpoint_steps(output_dir)
-    for old in steps[:-keep_last] if keep_last > 0 else []:
+    older = [s for s in steps if s < step]
+    pruned = older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []
+    for old in pruned:
         for path in checkpoint_paths(output_dir, old):
             if os.path.exists(path):
                 os.remove(path)
@@ -709,6 +714,27 @@ def list_checkpoint_steps(output_dir):
         if match and os.path.exists(checkpoint_paths(output_dir, int(match.group(1)))[0]):
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+# What a training run writes into its output directory, and nothing else there: the
+# checkpoint pairs, log.jsonl, and the temp files of writes that were cut short.
+RUN_FILE_PATTERN = re.compile(r"(?:(?:model|state)_\d{8}\.bin|log\.jsonl)(?:\.tmp\.\d+)?")
+
+
+def run_files(output_dir):
+    """Names of the training-run files in output_dir (sorted; [] when it does not exist)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if RUN_FILE_PATTERN.fullmatch(name))
+
+
+def remove_run_files(output_dir):
+    """Delete a previous run's checkpoints, log and temp leftovers (other files stay);
+    returns how many files went."""
+    names = run_files(output_dir)
+    for name in names:
+        os.remove(os.path.join(output_dir, name))
+    return len(names)
 
 
 def load_training_checkpoint(output_dir):
@@ -763,10 +789,13 @@ def decode(tokenizer, tokens):
     return b"".join(tokenizer[t] for t in tokens if t < len(tokenizer) and t != EOT_TOKEN).decode("utf-8", errors="replace")
 
 
-def encode_prompt(text):
+def encode_prompt(text, vocab_path=None, mirror=None):
+    """GPT-2 tokens of text; the BPE ranks come from vocab_path, else <mirror>/gpt2.tiktoken,
+    else data/gpt2.tiktoken, else tiktoken's own download (the caller resolves --mirror
+    and DATA_MIRROR and passes them in)."""
     from prepro_tinyshakespeare import PreproError, load_gpt2_encoding
     try:
-        encoding = load_gpt2_encoding(mirror=os.environ.get("DATA_MIRROR"))
+        encoding = load_gpt2_encoding(vocab_path, mirror)
     except PreproError as e:
         raise UserError(str(e))
     return encoding.encode(text, allowed_special={"<|endoftext|>"})

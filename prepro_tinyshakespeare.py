@@ -4,6 +4,8 @@ Outputs, byte-identical to llm.c's dev/data/tinyshakespeare.py:
   data/tinyshakespeare/tiny_shakespeare_val.bin    32,768 tokens
   data/tinyshakespeare/tiny_shakespeare_train.bin  305,260 tokens
   data/gpt2_tokenizer.bin                          llm.c's tokenizer file (if missing)
+  data/gpt2.tiktoken                               the GPT-2 BPE ranks (if missing), where this script,
+                                                   train_gpt2.py and prepro_fineweb.py find them offline
 
 Token file: 256 little-endian int32 header (20240520, 1, ntokens, 0...), then uint16 tokens.
 Tokenizer file: header (20240328, 2, 50257, 50256, 0...), then per token a uint8 length and its bytes.
@@ -12,6 +14,7 @@ Exit codes: 0 done (or already done), 1 runtime failure (missing/corrupt file, o
 """
 
 import argparse
+import base64
 import hashlib
 import os
 import shutil
@@ -97,6 +100,20 @@ def load_gpt2_encoding(vocab_path=None, mirror=None):
         )
     except Exception as exc:
         raise PreproError(f"{ranks_path} is not a valid gpt2.tiktoken file ({type(exc).__name__}: {exc})") from exc
+
+
+def write_vocab_file(path, enc):
+    """The GPT-2 BPE ranks in tiktoken's own file format (base64 of a token's bytes, a space,
+    its rank; one a line): byte-identical to OpenAI's gpt2.tiktoken, whichever source enc
+    was loaded from, so later runs load the encoding offline."""
+    payload = b"".join(base64.b64encode(enc.decode_single_token_bytes(rank)) + b" %d\n" % rank
+                       for rank in range(EOT_TOKEN))
+
+    def check(tmp_path):
+        if len(tiktoken.load.load_tiktoken_bpe(str(tmp_path))) != EOT_TOKEN:
+            raise PreproError(f"{path}: the written BPE ranks do not read back ({EOT_TOKEN} expected); not kept")
+
+    write_via_temp(path, lambda f: f.write(payload), check=check)
 
 
 def tokenize_sections(text, enc):
@@ -319,6 +336,11 @@ def build_arg_parser():
         "--tokenizer-out", metavar="FILE", default=str(DEFAULT_TOKENIZER_PATH),
         help="where to write llm.c's tokenizer file if missing (default %(default)s)",
     )
+    parser.add_argument(
+        "--vocab-out", metavar="FILE", default=str(DEFAULT_VOCAB_PATH),
+        help="where to write the GPT-2 BPE ranks (gpt2.tiktoken) if missing, so that later runs of this script "
+             "and train_gpt2.py --prompt find them offline; '' for nowhere (default %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="redo the work even if valid outputs already exist")
     return parser
 
@@ -382,12 +404,18 @@ def run(args):
     val_path, train_path, expected_counts = output_paths(args)
     tokenizer_path = Path(args.tokenizer_out)
     need_tokenizer = args.force or not tokenizer_file_is_valid(tokenizer_path)
+    vocab_out = Path(args.vocab_out) if args.vocab_out else None
+    need_vocab = vocab_out is not None and (args.force or not vocab_out.is_file())
 
     if not args.force and outputs_done(val_path, train_path, expected_counts):
         print(f"already done: {val_path} and {train_path} exist with valid headers (use --force to redo)")
-        if need_tokenizer:
-            write_tokenizer_file(tokenizer_path, load_gpt2_encoding(args.vocab, mirror))
-            print(f"wrote {tokenizer_path}")
+        if need_tokenizer or need_vocab:
+            enc = load_gpt2_encoding(args.vocab, mirror)
+            for needed, path, write in ((need_tokenizer, tokenizer_path, write_tokenizer_file),
+                                        (need_vocab, vocab_out, write_vocab_file)):
+                if needed:
+                    write(path, enc)
+                    print(f"wrote {path}")
         return 0
 
     if args.input:
@@ -410,11 +438,15 @@ def run(args):
     write_token_file(train_path, train_tokens)
     if need_tokenizer:
         write_tokenizer_file(tokenizer_path, enc)
+    if need_vocab:
+        write_vocab_file(vocab_out, enc)
 
     print(f"text:      {text_path} ({len(text):,} chars, {len(tokens):,} tokens)")
     print(f"val:       {val_path} ({len(val_tokens):,} tokens)")
     print(f"train:     {train_path} ({len(train_tokens):,} tokens)")
     print(f"tokenizer: {tokenizer_path} ({'written' if need_tokenizer else 'already present'})")
+    if vocab_out is not None:
+        print(f"BPE ranks: {vocab_out} ({'written' if need_vocab else 'already present'})")
     return 0
 
 

@@ -43,8 +43,9 @@ from numba import njit, prange  # noqa: E402
 from gpt2_common import (  # noqa: E402  (shapes, formats, data, errors: what the CUDA target shares)
     GELU_CUBE, GELU_SCALE, DataLoader, Device, UserError, activation_grad_shapes,
     activation_shapes, buffer_size, check_tokens, decode, encode_prompt, ensure_gradients, ensure_optimizer_buffers,
-    list_checkpoint_steps, load_model, load_training_checkpoint, matrix_groups, parameter_shapes,
-    read_tokenizer, save_training_checkpoint, slice_views, start_token, write_file_atomic, write_hf, zeros_f32)
+    checkpoint_paths, list_checkpoint_steps, load_model, load_training_checkpoint, matrix_groups, parameter_shapes,
+    read_tokenizer, remove_run_files, run_files, save_training_checkpoint, slice_views, start_token, write_file_atomic,
+    write_hf, zeros_f32)
 
 # Numba may reorder float additions (so reductions vectorize), and nothing more: no
 # finite-math flags (the attention mask and GELU need inf semantics), and no
@@ -643,7 +644,7 @@ class CPU(Device):
         return 2 * 4 * (self.shard[2].size if self.shard else self.model.num_parameters)
 
     def peak_flops(self):
-        return measure_cpu_peak_flops()
+        return cpu_peak_flops()
 
     def memory_used(self):
         import resource
@@ -885,24 +886,152 @@ def flops_per_token(cfg, T):
     return 6 * n + 12 * cfg.num_layers * cfg.channels * T
 
 
+PEAK_MATRIX = 2048        # sgemm size of the peak-rate measurement (2 * 2048^3 = 17.2 GFLOP a product)
+PEAK_SECONDS = 3.0        # measured for this long (at least PEAK_MIN_RUNS products); the fastest counts
+PEAK_MIN_RUNS = 10
+
+
 def measure_cpu_peak_flops():
-    """The machine's float32 matmul ceiling, from a short numpy sgemm run."""
-    a = np.ones((1024, 1024), dtype=np.float32)
+    """The machine's float32 matmul ceiling: the fastest of many 2048^3 numpy sgemms
+    over about 3 s (the best of a long run, so a moment of load from elsewhere does not
+    lower it)."""
+    a = np.ones((PEAK_MATRIX, PEAK_MATRIX), dtype=np.float32)
     out = np.empty_like(a)
-    np.matmul(a, a, out=out)
-    best = float("inf")
-    for _ in range(5):
+    np.matmul(a, a, out=out)  # warm-up: BLAS threads started, pages touched
+    best, runs, t_end = float("inf"), 0, time.perf_counter() + PEAK_SECONDS
+    while runs < PEAK_MIN_RUNS or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         np.matmul(a, a, out=out)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best
+        runs += 1
+    return 2 * PEAK_MATRIX ** 3 / best
+
+
+def cpu_peak_cache_path():
+    """Where the measured sgemm rate is kept: $GPT2PY_CPU_PEAK_CACHE, else
+    gpt2py/cpu_peak.json in $XDG_CACHE_HOME (~/.cache)."""
+    path = os.environ.get("GPT2PY_CPU_PEAK_CACHE")
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2py", "cpu_peak.json")
+
+
+def cpu_peak_key():
+    """What the sgemm rate depends on: the CPU model, the BLAS thread count and OpenBLAS's kernel choice."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        import platform
+        model = platform.processor() or model
+    threads = (os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+               or str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    return f"{model} | {threads} threads | OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}"
+
+
+def cpu_peak_flops():
+    """The sgemm rate MFU is measured against on the CPU: read from the cache file under
+    this machine's key, else measured once (about 3 s) and saved there. A cache that does
+    not read as a JSON object of positive rates gets a one-line warning and is rewritten."""
+    path, key = cpu_peak_cache_path(), cpu_peak_key()
+    cache = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+            if not isinstance(cache, dict):
+                raise ValueError("not a JSON object")
+            entry = cache.get(key)
+            if entry is not None:
+                flops = entry.get("flops") if isinstance(entry, dict) else None
+                if not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops <= 0:
+                    raise ValueError(f"no positive rate for {key!r}")
+                return float(flops)
+        except (OSError, ValueError) as e:
+            print(f"warning: ignoring the CPU peak-rate cache {path} ({e}); measuring again", file=sys.stderr)
+            cache = {}
+    print("measuring this machine's float32 sgemm rate for MFU (once; about 3 s; cached in "
+          f"{path})", flush=True)
+    flops = measure_cpu_peak_flops()
+    cache[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "matrix": PEAK_MATRIX}
+    try:
+        write_file_atomic(path, [json.dumps(cache, indent=1, sort_keys=True).encode() + b"\n"])
+    except OSError as e:
+        print(f"warning: could not save the CPU peak-rate cache {path}: {e}", file=sys.stderr)
+    return flops
+
+
+def forget_cpu_peak():
+    """Drop this machine's cached sgemm rate (a training step ran faster than it, so it was
+    measured while the machine was busy): the next run measures again."""
+    path, key = cpu_peak_cache_path(), cpu_peak_key()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if isinstance(cache, dict) and cache.pop(key, None) is not None:
+            write_file_atomic(path, [json.dumps(cache, indent=1, sort_keys=True).encode() + b"\n"])
+    except (OSError, ValueError):
+        pass  # unreadable: the next run warns about it and measures again anyway
+
+
+def kernels_need_compiling():
+    """True when Numba's on-disk cache holds no up-to-date build of this module's cached
+    kernels: the first run after a clone, after an edit of this file (Numba stamps its
+    cache with a hash of the source, so an edit makes every kernel stale) or with a new
+    NUMBA_CACHE_DIR. (A later run may still compile a kernel it is the first to use, such
+    as the sampler's, in a second or two.) Each kernel's cache index is asked through
+    Numba's internals; should those change, the test falls back to whether the index
+    file, named as Numba names it, exists."""
+    from numba.core.dispatcher import Dispatcher
+    module = sys.modules[__name__]
+    modname = os.path.splitext(os.path.basename(module.__file__))[0]
+    version = f"py{sys.version_info[0]}{sys.version_info[1]}{getattr(sys, 'abiflags', '')}"
+    for kernel in vars(module).values():
+        if not isinstance(kernel, Dispatcher) or getattr(kernel.py_func, "__module__", None) != module.__name__:
+            continue
+        cache_dir = kernel.stats.cache_path
+        if cache_dir is None:
+            continue  # not a cache=True kernel (inlined helpers)
+        try:
+            if kernel._cache._cache_file._load_index():  # {} when missing or stale
+                return False
+        except AttributeError:
+            code = kernel.py_func.__code__
+            name = f"{modname}.{kernel.py_func.__qualname__}-{code.co_firstlineno}.{version}.nbi"
+            if os.path.isfile(os.path.join(cache_dir, name.replace("<", "").replace(">", ""))):
+                return False
+        except Exception:
+            continue  # an unreadable index: Numba compiles that kernel again
+    return True
+
+
+def announce_first_compile():
+    if kernels_need_compiling():
+        print("compiling kernels, first run only (about 15 s)", flush=True)
+
+
+EVAL_PROGRESS_BATCHES = 20  # evaluations of at least this many batches show a progress bar on a terminal
 
 
 def evaluate(device, loader, max_batches):
-    """Mean loss over the first max_batches batches of loader (0: all of them)."""
+    """Mean loss over the first max_batches batches of loader (0: all of them). A long
+    evaluation draws a progress bar on stderr when that is a terminal."""
     loader.reset()
     batches = loader.num_batches() if max_batches <= 0 else min(max_batches, loader.num_batches())
-    return sum(device.forward(*loader.next_batch()) for _ in range(batches)) / batches
+    bar = None
+    if batches >= EVAL_PROGRESS_BATCHES and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=batches, desc="val", unit="batch", leave=False, file=sys.stderr)
+    total = 0
+    for _ in range(batches):
+        total += device.forward(*loader.next_batch())
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return total / batches
 
 
 def check_device(name):
@@ -929,16 +1058,17 @@ def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0,
 
 
 class JsonlLog:
-    """log.jsonl in the output directory (none without one). A run resumed at
-    resume_step first drops what the interrupted run logged after its checkpoint (train
-    records past it, evals at or past it), since the resumed run logs them again."""
+    """log.jsonl in the output directory (none without one): the log of one run. A run
+    resumed at resume_step first drops what the interrupted run logged after its
+    checkpoint (train records past it, evals at or past it), since the resumed run logs
+    them again; a run that starts at step 0 (--resume with no checkpoint yet) starts it
+    empty."""
 
     def __init__(self, output_dir, resume_step=0):
         self.path = os.path.join(output_dir, "log.jsonl") if output_dir else None
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
-        if resume_step:
-            self.truncate(resume_step)
+        self.truncate(resume_step)
 
     def truncate(self, step):
         if not self.path or not os.path.isfile(self.path):
@@ -960,10 +1090,46 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (no usage block)."""
+
+    def error(self, message):
+        print(f"error: {message} (python train_gpt2.py --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+# Flags that take a count or a rate: (dest, the least value allowed). Zero is allowed
+# where it means "off", "all" or "measure it"; floats must also be finite.
+AT_LEAST = [("batch_size", 1), ("seq_len", 1), ("gen_tokens", 1), ("steps", 0), ("total_batch_tokens", 0),
+            ("lr", 0), ("warmup_steps", 0), ("final_lr_frac", 0), ("weight_decay", 0), ("grad_clip", 0),
+            ("val_every", 0), ("val_batches", 0), ("sample_every", 0), ("checkpoint_every", 0),
+            ("keep_checkpoints", 0), ("peak_tflops", 0), ("dist_timeout", 0), ("seed", 0), ("temperature", 0),
+            ("top_k", 0)]
+
+
+def check_numbers(p, args):
+    """One line, exit 2, for a count or rate out of its range (a negative learning rate, ...)."""
+    flags = {action.dest: "/".join(action.option_strings) for action in p._actions}
+    for name, least in AT_LEAST:
+        value = getattr(args, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"{flags[name]} must be a finite number (got {value})")
+        if value < least:
+            p.error(f"{flags[name]} must be {'positive' if least == 1 else 'at least 0'} (got {value})")
+    if args.final_lr_frac > 1:
+        p.error(f"-q/--final-lr-frac is a fraction of --lr, from 0 to 1 (got {args.final_lr_frac})")
+    for name in ("beta1", "beta2"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            p.error(f"--{name} must be in [0, 1) (got {value})")
+    if not (math.isfinite(args.eps) and args.eps > 0):
+        p.error(f"--eps must be positive (got {args.eps})")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        description="Train GPT-2 on llm.c token files (CPU with Numba, or --device cuda). "
-                    "Also: --eval-only, --sample (text generation), --export-hf.",
+    p = ArgumentParser(
+        description="Train GPT-2 on llm.c token files (CPU with Numba, or --device cuda). Also: --eval-only, "
+                    "--sample (text generation), --export-hf (convert: -e FILE -x 0 --export-hf DIR).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("-i", "--train-data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
@@ -973,8 +1139,13 @@ def parse_args(argv):
     g.add_argument("-e", "--init", default="d12",
                    help="model: dN from scratch (d12 = GPT-2 124M), an llm.c .bin checkpoint, or Hugging Face "
                         "weights: a save_pretrained folder, model.safetensors (F32/F16/BF16) or pytorch_model.bin")
-    g.add_argument("-o", "--output-dir", default=None, help="checkpoints and log.jsonl go here (none: not written)")
+    g.add_argument("-o", "--output-dir", default=None,
+                   help="checkpoints and log.jsonl go here (none: not written); a new run needs a folder without "
+                        "another run's checkpoints or log (see --resume, --overwrite)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --output-dir even though it holds another run: first delete that "
+                        "run's model_/state_NNNNNNNN.bin, log.jsonl and temp files (nothing else)")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
     g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
@@ -997,50 +1168,66 @@ def parse_args(argv):
     g.add_argument("-t", "--seq-len", type=int, default=64, help="tokens per sequence (T)")
     g.add_argument("-d", "--total-batch-tokens", type=int, default=0,
                    help="tokens per optimizer step; a multiple of B*T gives gradient accumulation (0: B*T)")
-    g.add_argument("-x", "--steps", type=int, default=40, help="optimizer steps to train to")
+    g.add_argument("-x", "--steps", type=int, default=40,
+                   help="optimizer steps to train to (0: no training: load -e, then --eval-only and --export-hf "
+                        "if given, and write no checkpoint)")
     g.add_argument("-l", "--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("-u", "--warmup-steps", type=int, default=0, help="linear warmup steps")
     g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="constant",
                    help="decay after warmup")
-    g.add_argument("-q", "--final-lr-frac", type=float, default=0.0, help="final lr as a fraction of --lr")
+    g.add_argument("-q", "--final-lr-frac", type=float, default=0.0, help="final lr as a fraction of --lr (0 to 1)")
     g.add_argument("-c", "--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--weight-decay-mode", choices=["matrices", "all"], default="matrices",
                    help="decay only the 2-D weights, or every tensor (llm.c's CPU trainer)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.999)
-    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1, in [0, 1)")
+    g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2, in [0, 1)")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (positive)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--shuffle", type=int, default=1, help="shuffle the training samples each epoch (val stays in order)")
+    g.add_argument("--shuffle", type=int, choices=[0, 1], default=1,
+                   help="shuffle the training samples each epoch (val stays in order)")
     g = p.add_argument_group("evaluation, sampling, checkpoints, output")
     g.add_argument("-v", "--val-every", type=int, default=10, help="val loss every N steps (0: never)")
-    g.add_argument("-m", "--val-batches", type=int, default=5, help="val batches per evaluation (0: all)")
+    g.add_argument("-m", "--val-batches", type=int, default=5,
+                   help="val batches per evaluation, during training and for --eval-only (0: the whole val split)")
     g.add_argument("-s", "--sample-every", type=int, default=20, help="print a sample every N steps (0: never)")
     g.add_argument("-g", "--gen-tokens", type=int, default=64, help="tokens per sample")
     g.add_argument("-n", "--checkpoint-every", type=int, default=0,
                    help="checkpoint every N steps, plus at the end (needs --output-dir; 0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep the newest K checkpoints of the run, the one just written included (0: all)")
     g.add_argument("--tokenizer", default="data/gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
     g.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="peak TFLOP/s for MFU (0: measured numpy sgemm on the CPU, the datasheet TF32/FP32 figure on H100)")
+                   help="peak TFLOP/s that MFU is against (0: on the CPU numpy's float32 sgemm rate, measured once per "
+                        "machine and cached in $GPT2PY_CPU_PEAK_CACHE or ~/.cache/gpt2py/cpu_peak.json; the "
+                        "datasheet TF32/FP32 figure on an H100)")
     g.add_argument("--profile", action="store_true", help="print time per layer kind after training")
     g = p.add_argument_group("other modes")
-    g.add_argument("--eval-only", action="store_true", help="print the val loss and perplexity of --init and exit")
+    g.add_argument("--eval-only", action="store_true",
+                   help="print the val loss and perplexity of --init over -m batches (default 5; -m 0: the whole "
+                        "val split) and exit")
     g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
     g.add_argument("--prompt", default="", help="--sample: text to continue (empty: start from <|endoftext|>)")
+    g.add_argument("--vocab", metavar="FILE", default=None,
+                   help="--prompt: gpt2.tiktoken BPE ranks file; none: <mirror>/gpt2.tiktoken, else "
+                        "data/gpt2.tiktoken (where make data leaves it), else tiktoken's download")
+    g.add_argument("--mirror", metavar="DIR", default=None,
+                   help="--prompt: directory holding gpt2.tiktoken; none: $DATA_MIRROR")
     g.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=0, help="--sample: keep the k most likely tokens (0: all)")
     g.add_argument("--no-kv-cache", action="store_true", help="--sample: recompute the whole sequence per token")
     g.add_argument("--compare-kv-cache", action="store_true", help="--sample: time generation with and without the cache")
     g.add_argument("--export-hf", metavar="PATH", default=None,
-                   help="write the final (or --init) model as a Hugging Face GPT-2 folder (model.safetensors, "
-                        "config.json, generation_config.json) that transformers' from_pretrained loads; a path "
-                        "ending in .safetensors names the weights file, the JSON files go beside it")
+                   help="write the model as a Hugging Face GPT-2 folder (model.safetensors, config.json, "
+                        "generation_config.json) that transformers' from_pretrained loads; a path ending in "
+                        ".safetensors names the weights file, the JSON files go beside it. The model written is "
+                        "the one after training; with -x 0 (or --eval-only, --sample) it is --init as it is: "
+                        "-e FILE -x 0 --export-hf DIR converts FILE")
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_numbers(p, args)
     if args.resume and not args.output_dir:
         p.error("--resume needs --output-dir")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if args.precision == "auto":
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cpu" and args.precision != "fp32":
@@ -1049,11 +1236,19 @@ def parse_args(argv):
         p.error("--profile times the CPU layers; on CUDA use dev/cuda_check.py bench --profile")
     if args.total_batch_tokens and args.total_batch_tokens % (args.batch_size * args.seq_len):
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of B*T = {args.batch_size * args.seq_len}")
+    # where a prompt's BPE ranks come from: checked as the prepro script checks them
+    mirror_source = "--mirror" if args.mirror else "DATA_MIRROR"
+    args.mirror = args.mirror or os.environ.get("DATA_MIRROR") or None
+    if args.vocab and not os.path.isfile(args.vocab):
+        p.error(f"vocab file not found: {args.vocab}")
+    if args.mirror and not os.path.isdir(args.mirror):
+        p.error(f"{mirror_source} directory not found: {args.mirror}")
     return args
 
 
 def sample_mode(model, args, tokenizer):
-    prompt = encode_prompt(args.prompt) if args.prompt else [start_token(model.cfg)]
+    prompt = encode_prompt(args.prompt, args.vocab, args.mirror) if args.prompt else [start_token(model.cfg)]
+    announce_first_compile()
     runs = [False, True] if args.compare_kv_cache else [not args.no_kv_cache]
     outputs = []
     for use_cache in runs:
@@ -1066,6 +1261,26 @@ def sample_mode(model, args, tokenizer):
     if len(outputs) == 2:
         print(f"[same tokens with and without the cache: {'yes' if outputs[0] == outputs[1] else 'NO'}]")
     print(decode(tokenizer, prompt if args.prompt else []) + decode(tokenizer, outputs[-1]))
+
+
+def claim_output_dir(args):
+    """A new training run (no --resume) gets a folder of its own: one that holds another
+    run's checkpoints or log is refused in one line, unless --overwrite, which first
+    deletes those files (and nothing else)."""
+    names = run_files(args.output_dir)
+    if not names:
+        return
+    if args.overwrite:
+        removed = remove_run_files(args.output_dir)
+        print(f"--overwrite: deleted the previous run's {removed} file(s) in {args.output_dir}")
+        return
+    steps = list_checkpoint_steps(args.output_dir)
+    held = [f"checkpoints up to step {steps[-1]}"] if steps else []
+    held += ["log.jsonl"] if "log.jsonl" in names else []
+    held = held or [f"{len(names)} unfinished checkpoint file(s)"]
+    raise UserError(f"-o {args.output_dir} holds another run's files ({', '.join(held)}): pass --resume to "
+                    "continue that run, another -o DIR to start a new one, or --overwrite to delete its checkpoints "
+                    "and log first")
 
 
 def load_run(args):
@@ -1101,7 +1316,9 @@ def save_checkpoint(args, dist, device, model, step, train_loader, rng_state, ac
                  "accum_steps": accum_steps, "seed": args.seed, "world": dist.world}
         path = save_training_checkpoint(model, args.output_dir, step, extra, args.keep_checkpoints,
                                         bfloat16=args.precision == "bf16")
-        print(f"checkpoint: {path}")
+        state_path = checkpoint_paths(args.output_dir, step)[1]
+        print(f"checkpoint: {path} (weights, llm.c format) + {os.path.basename(state_path)} (optimizer, data "
+              "position: for --resume)")
     dist.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
 
@@ -1119,6 +1336,9 @@ def main(args, dist=SINGLE):
     check_device(args.device)  # before minutes of loading, not after
     if dist.rank != 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; errors still reach stderr
+    training = args.steps > 0 and not (args.eval_only or args.sample)
+    if training and args.output_dir and not args.resume and dist.rank == 0:
+        claim_output_dir(args)  # before minutes of loading; rank 0 writes the files, so it alone checks
     tokenizer = read_tokenizer(args.tokenizer)
     model, state = load_run(args)
     cfg = model.cfg
@@ -1128,6 +1348,12 @@ def main(args, dist=SINGLE):
         sample_mode(model, args, tokenizer)
         export_hf(model, args.export_hf)
         return 0
+    if not training and not args.eval_only:  # -x 0: load, export if asked, and nothing more
+        if dist.rank == 0:
+            export_hf(model, args.export_hf)
+        if not args.export_hf:
+            print("-x 0: no training; nothing else asked (add --eval-only or --export-hf DIR)")
+        return 0
     B, T = args.batch_size, args.seq_len
     if T > cfg.max_seq_len:
         raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
@@ -1136,10 +1362,17 @@ def main(args, dist=SINGLE):
     if args.eval_only:
         if val_loader is None:
             raise UserError("--eval-only needs validation data (-j)")
+        batches = val_loader.num_batches() if args.val_batches <= 0 else min(args.val_batches, val_loader.num_batches())
+        print(f"eval: {batches} of the {val_loader.num_batches()} val batches of B={B} T={T}"
+              + (" (-m 0 for all of them)" if batches < val_loader.num_batches() else ""), flush=True)
+        if args.device == "cpu":
+            announce_first_compile()
         loss = evaluate(device, val_loader, args.val_batches)
         print(f"val loss {loss:.6f} | perplexity {perplexity(loss):.3f}")
         export_hf(model, args.export_hf)
         return 0
+    if args.export_hf:
+        print(f"--export-hf: writes the model after step {args.steps} (-x 0 exports -e as it is, untrained)")
 
     train_loader = DataLoader(args.train_data, B, T, cfg.vocab_size, bool(args.shuffle), args.seed, dist.rank, dist.world)
     if args.total_batch_tokens % (B * T * dist.world):
@@ -1153,6 +1386,9 @@ def main(args, dist=SINGLE):
         start_step, rng_state = state["step"], state["rng_state"]
         train_loader.set_state(state["loader"])
     peak = args.peak_tflops * 1e12 or device.peak_flops() or float("nan")
+    peak_source = ("--peak-tflops" if args.peak_tflops else
+                   f"numpy's sgemm rate on this machine, cached in {cpu_peak_cache_path()}" if args.device == "cpu" else
+                   "the GPU's datasheet peak")
     flops_per_step = flops_per_token(cfg, T) * tokens_per_step
     log = JsonlLog(args.output_dir if dist.rank == 0 else None, start_step)
     print(f"train: {train_loader.num_batches()} batches of B={B} T={T} in {len(train_loader.paths)} file(s); "
@@ -1162,7 +1398,9 @@ def main(args, dist=SINGLE):
     if dist.world > 1:
         print(f"data parallel: {dist.world} ranks over {dist.engine}, ZeRO-{args.zero_stage}: "
               f"{device.optimizer_bytes() / 2 ** 20:.1f} MiB of AdamW state per rank")
-    print(f"ready in {time.perf_counter() - t_start:.2f} s; MFU is against {peak / 1e12:.3f} TFLOP/s")
+    print(f"ready in {time.perf_counter() - t_start:.2f} s; MFU is against {peak / 1e12:.3f} TFLOP/s ({peak_source})")
+    if args.device == "cpu":
+        announce_first_compile()  # the first forward compiles them
 
     profile = LayerProfile() if args.profile else None
     interrupted = []  # Ctrl-C, or SIGTERM (Slurm's time limit): checkpoint after this step and stop
@@ -1219,6 +1457,11 @@ def main(args, dist=SINGLE):
 
     if start_step < args.steps:
         save_checkpoint(args, dist, device, model, args.steps, train_loader, rng_state, accum_steps)
+    if step_times and not args.peak_tflops and args.device == "cpu" and dist.rank == 0 \
+            and flops_per_step / peak / min(step_times) > 1:
+        forget_cpu_peak()
+        print(f"note: a step ran above the cached sgemm rate ({peak / 1e12:.3f} TFLOP/s), so that rate was measured "
+              "while the machine was busy: it is dropped and measured again next run")
     device.params_to_host()
     if dist.world > 1 and not dist.all_equal(zlib.crc32(model.params_memory)):
         raise UserError("the ranks ended with different parameters: the data-parallel update is broken")

@@ -5,10 +5,11 @@
 
 The log has one JSON object per line: {"type": "train", "step", "loss", "norm", "lr",
 ...} for every optimizer step and {"type": "val", "step", "loss", "perplexity"} for every
-evaluation. A resumed run appends to the same log, so a step can appear more than once:
-the last record of each step wins. The top panel shows the train loss (a thin line, with
-a moving average once there are enough steps) and the val loss (markers joined by a
-line) against the step; the bottom panel the learning rate.
+evaluation. A log holds one run (train_gpt2.py refuses a new run into a folder with
+another run's log; --resume trims what was logged after its checkpoint and appends);
+should a step still appear twice, the last record of it wins. The top panel shows the
+train loss (a thin line, with a moving average once there are enough steps) and the val
+loss (markers joined by a line) against the step; the bottom panel the learning rate.
 
 Errors (a missing, empty or unreadable log, a line that is not a JSON object, no train
 or val records) are one line "error: ..." on stderr and exit code 1. The one exception is

@@ -117,8 +117,11 @@ def test_mirror_run_counts_sizes_headers(mirror_run):
     text_copy = out / "tiny_shakespeare.txt"
     assert hashlib.md5(text_copy.read_bytes()).hexdigest() == TEXT_MD5
     assert "32,768" in result.stdout and "305,260" in result.stdout
+    # the BPE ranks are kept where later runs look for them: OpenAI's file, byte for byte
+    assert (workdir / "data" / "gpt2.tiktoken").read_bytes() == (SHARED_DATA / "gpt2.tiktoken").read_bytes()
     # no temp files left anywhere
     assert all_files(workdir) == [
+        "data/gpt2.tiktoken",
         "data/gpt2_tokenizer.bin",
         "data/tinyshakespeare/tiny_shakespeare.txt",
         "data/tinyshakespeare/tiny_shakespeare_train.bin",
@@ -247,7 +250,7 @@ def test_input_round_trip_and_val_fraction(in_tmp):
     text = "".join(f"Speaker {i}:\nLine number {i}, with caf\u00e9 and \u2014 dashes.\n\n" for i in range(40)) + "The end.\n"
     (in_tmp / "play.txt").write_bytes(text.encode("utf-8"))
     code = prepro.main(["--input", "play.txt", "--val-fraction", "0.25", "--out-dir", "out",
-                        "--mirror", str(SHARED_DATA), "--tokenizer-out", "tok.bin"])
+                        "--mirror", str(SHARED_DATA), "--tokenizer-out", "tok.bin", "--vocab-out", "ranks.tiktoken"])
     assert code == 0
     _, val_tokens = read_tokens(in_tmp / "out" / "play_val.bin")
     _, train_tokens = read_tokens(in_tmp / "out" / "play_train.bin")
@@ -257,6 +260,7 @@ def test_input_round_trip_and_val_fraction(in_tmp):
     decoded = reference_encoding().decode(val_tokens.tolist() + train_tokens.tolist())
     assert decoded.replace("<|endoftext|>", "") == text
     assert (in_tmp / "tok.bin").is_file()
+    assert (in_tmp / "ranks.tiktoken").read_bytes() == (SHARED_DATA / "gpt2.tiktoken").read_bytes()
     assert not (in_tmp / "data").exists()
 
 
@@ -316,7 +320,8 @@ def test_bad_arguments_exit_2(tmp_path, args):
 def test_help_documents_every_flag(tmp_path):
     result = run_script(["--help"], cwd=tmp_path)
     assert result.returncode == 0
-    for flag in ["--mirror", "--input", "--val-fraction", "--out-dir", "--vocab", "--tokenizer-out", "--force", "DATA_MIRROR"]:
+    for flag in ["--mirror", "--input", "--val-fraction", "--out-dir", "--vocab", "--tokenizer-out", "--vocab-out",
+                 "--force", "DATA_MIRROR"]:
         assert flag in result.stdout
 
 

@@ -246,8 +246,8 @@ def test_resume_with_other_batch_shape_is_an_error(files, tmp_path):
 def test_keep_last_k_checkpoints(files, tmp_path):
     out_dir = tmp_path / "o"
     out = ok(run_train(base_args(files, **{"-x": 7, "-n": 2, "--keep-checkpoints": 2, "-o": out_dir}), tmp_path))
-    assert [line.split("/")[-1] for line in out.stdout.splitlines() if line.startswith("checkpoint: ")] == \
-        [f"model_{s:08d}.bin" for s in (2, 4, 6, 7)]
+    assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("checkpoint: ")] == \
+        [str(ckpt(out_dir, s)) for s in (2, 4, 6, 7)]
     assert sorted(p.name for p in out_dir.iterdir()) == \
         ["log.jsonl", "model_00000006.bin", "model_00000007.bin", "state_00000006.bin", "state_00000007.bin"]
 
@@ -1057,7 +1057,7 @@ def assert_one_line_error(proc, fragment, allow_warnings=False):
 
 
 @pytest.mark.parametrize("case,fragment,code", [
-    ("negative steps", "--steps must be positive", 2),
+    ("negative steps", "-x/--steps must be at least 0", 2),
     ("zero batch", "--batch-size must be positive", 2),
     ("T over max_seq_len", "exceeds the model's max_seq_len=32", 1),
     ("missing train file", "no token file matches", 1),
