@@ -16,10 +16,10 @@ REFERENCE := data/gpt2_124M.bin data/gpt2_124M_debug_state.bin
 # numpy's current OpenBLAS runs about 1.7x faster on this CPU without the pin.
 NO_BLAS_PIN := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
-.PHONY: help venv install install-test data train test pytest parity reference bench profile plot addition gpu-check clean
+.PHONY: help venv install install-test data train test pytest parity reference bench profile plot addition gpt2-124m gpu-check clean
 
 help:  ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(PYTHON):
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -31,9 +31,9 @@ install: $(PYTHON)  ## install the run-time packages (requirements.txt) into the
 		|| { echo "installing requirements.txt (numpy, numba, tiktoken, ...) into $(VENV): a minute or two the first time"; \
 		     $(PIP) install -r requirements.txt; }
 
-install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU, transformers, mpi4py)
-	@$(PYTHON) -c "import pytest, torch, transformers, safetensors, mpi4py" 2>/dev/null \
-		|| { echo "installing requirements-test.txt (pytest, PyTorch CPU, transformers, mpi4py, Open MPI) into $(VENV): several minutes the first time"; \
+install-test: install  ## install the test packages too (pytest, PyTorch 2.13 CPU, transformers, mpi4py, pyarrow)
+	@$(PYTHON) -c "import pytest, torch, transformers, safetensors, mpi4py, pyarrow" 2>/dev/null \
+		|| { echo "installing requirements-test.txt (pytest, PyTorch CPU, transformers, mpi4py, Open MPI, pyarrow) into $(VENV): several minutes the first time"; \
 		     $(PIP) install -r requirements-test.txt; }
 
 data: install  ## tokenize tinyshakespeare into data/tinyshakespeare/*.bin (and keep the BPE ranks at data/gpt2.tiktoken)
@@ -68,6 +68,9 @@ plot:  ## loss curves of data/train_124M/log.jsonl (TRAIN_OUT=DIR: another run's
 
 addition: install  ## the masked-loss example: learn a+b=c, then report accuracy
 	$(PYTHON) dev/addition.py
+
+gpt2-124m:  ## GPT-2 124M on FineWeb, llm.c's recipe, on this machine's GPUs (scripts/run_gpt2_124M.sh; data first, see README)
+	PYTHON=$(PYTHON) bash scripts/run_gpt2_124M.sh
 
 gpu-check:  ## on an NVIDIA machine: fp32/TF32/bf16 parity, loss curve, determinism, benchmarks (dev/gpu_check.sh)
 	bash dev/gpu_check.sh

@@ -818,9 +818,12 @@ class Device:
         unmasked targets, or None without targets."""
         raise NotImplementedError
 
-    def backward(self, accumulate=False, loss_scale=1.0):
+    def backward(self, accumulate=False, loss_scale=1.0, last_micro_step=True):
         """Gradients of loss_scale * the last forward's mean loss: accumulate=False
-        overwrites the parameter gradients, True adds to them (gradient accumulation)."""
+        overwrites the parameter gradients, True adds to them (gradient accumulation).
+        last_micro_step: this backward ends the step, so a data-parallel target may sum
+        the gradients over the ranks as they are produced (the GPU does; the CPU sums in
+        update)."""
         raise NotImplementedError
 
     def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
@@ -841,6 +844,21 @@ class Device:
 
     def logits_to_host(self):
         """(B*T, Vp) logits of the last forward (dlogits once a backward has run)."""
+        raise NotImplementedError
+
+    def losses_to_host(self):
+        """(B*T,) per-position losses of the last forward with targets (0 where masked)."""
+        raise NotImplementedError
+
+    def evaluator(self, B, T):
+        """A forward-only target of the same kind at batch shape (B, T) over the same
+        parameters (no copy of them): for evaluations whose rows are not the training's."""
+        raise NotImplementedError
+
+    def decoder(self):
+        """A fresh generated sequence: an object whose step(token) feeds the token at the
+        next position (a KV cache keeps the earlier ones) and returns the float32 logits
+        (Vp,) of the token after it, on the host."""
         raise NotImplementedError
 
     def grads_to_host(self):

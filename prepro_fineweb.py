@@ -46,6 +46,7 @@ from prepro_tinyshakespeare import (
     HEADER_INTS,
     TOKEN_MAGIC,
     PreproError,
+    run_cli,
     load_gpt2_encoding,
     resolve_mirror,
     token_file_count,
@@ -626,18 +627,7 @@ def build_arg_parser():
 
 
 def main(argv=None):
-    args = build_arg_parser().parse_args(argv)
-    try:
-        return run(args)
-    except PreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun to continue after the last complete shard", file=sys.stderr)
-        return 130
+    return run_cli(build_arg_parser(), run, argv, "interrupted; rerun to continue after the last complete shard")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from prepro_tinyshakespeare import (
     DOWNLOAD_TIMEOUT_S,
     HEADER_INTS,
     PreproError,
+    run_cli,
     load_gpt2_encoding,
     resolve_mirror,
     stream_to_file,
@@ -354,18 +355,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_arg_parser().parse_args(argv)
-    try:
-        return run(args)
-    except PreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(build_arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

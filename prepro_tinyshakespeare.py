@@ -450,10 +450,12 @@ def run(args):
     return 0
 
 
-def main(argv=None):
-    args = build_arg_parser().parse_args(argv)
+def run_cli(parser, run_args, argv=None, interrupted="interrupted"):
+    """The prepro scripts' command line: run_args(parsed args) -> exit code; a PreproError
+    or OSError is one `error:` line and its exit code, Ctrl-C exit 130."""
+    args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run_args(args)
     except PreproError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -461,8 +463,12 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: {interrupted}", file=sys.stderr)
         return 130
+
+
+def main(argv=None):
+    return run_cli(build_arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -601,8 +601,8 @@ class CPU(Device):
     def forward(self, inputs, targets=None):
         return gpt2_forward(self.model, inputs, targets)
 
-    def backward(self, accumulate=False, loss_scale=1.0):
-        gpt2_backward(self.model, accumulate, loss_scale)
+    def backward(self, accumulate=False, loss_scale=1.0, last_micro_step=True):
+        gpt2_backward(self.model, accumulate, loss_scale)  # the ranks' sum waits for update()
 
     def update(self, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip):
         hyper = (lr, beta1, beta2, eps, weight_decay, weight_decay_mode, grad_clip)
@@ -635,6 +635,23 @@ class CPU(Device):
 
     def logits_to_host(self):
         return self.model.acts.logits
+
+    def losses_to_host(self):
+        return self.model.acts.losses
+
+    def evaluator(self, B, T):
+        """A forward-only CPU target at batch shape (B, T) over the same parameters: a
+        shallow copy of the host model, with activations of its own (made once per shape)."""
+        views = self.__dict__.setdefault("views", {})
+        if (B, T) not in views:
+            view = copy.copy(self.model)
+            view.B = view.T = 0
+            view.acts = view.dacts = None
+            views[(B, T)] = CPU(view, B, T)
+        return views[(B, T)]
+
+    def decoder(self):
+        return HostDecoder(self.model)
 
     def grads_to_host(self):
         return self.model.grads_memory
@@ -763,10 +780,25 @@ def gpt2_decode_step(model, cache, token):
     return c.logits[0]
 
 
-def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_state=1337, use_kv_cache=True):
-    """Continue prompt_tokens by num_tokens sampled tokens. With use_kv_cache=False each
-    new token reruns the whole sequence through gpt2_forward (llm.c's way), for
-    checking and timing. Returns (new tokens, rng_state)."""
+class HostDecoder:
+    """One generated sequence on the host: step(token) feeds the token at the next
+    position through the KV cache and returns the next token's logits (CPU.decoder;
+    train_gpt2_cuda's Decoder is the GPU's)."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, KVCache(model.cfg)
+
+    def step(self, token):
+        return gpt2_decode_step(self.model, self.cache, token)
+
+
+def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_state=1337, use_kv_cache=True,
+             decoder=None):
+    """Continue prompt_tokens by num_tokens sampled tokens, through decoder (a fresh
+    one of a device: the host's KV cache by default, the GPU's with a CUDA target's
+    decoder()). With use_kv_cache=False each new token reruns the whole sequence through
+    gpt2_forward on the host (llm.c's way), for checking and timing. The tokens are drawn
+    on the host from the logits (llm.c's sampler). Returns (new tokens, rng_state)."""
     cfg = model.cfg
     prompt = [int(t) for t in prompt_tokens] or [start_token(cfg)]
     check_tokens(np.array(prompt), cfg.vocab_size, "prompt")
@@ -775,12 +807,12 @@ def generate(model, prompt_tokens, num_tokens, temperature=1.0, top_k=0, rng_sta
         raise UserError(f"prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceeds max_seq_len={cfg.max_seq_len}")
     sequence = list(prompt)
     if use_kv_cache:
-        cache = KVCache(cfg)
+        decoder = decoder or HostDecoder(model)
         for token in prompt[:-1]:
-            gpt2_decode_step(model, cache, token)
+            decoder.step(token)
 
         def next_token_logits():  # feeds the newest token only
-            return gpt2_decode_step(model, cache, sequence[-1])
+            return decoder.step(sequence[-1])
     else:
         scratch_model = copy.copy(model)  # shares the parameters, owns its activations
         scratch_model.B = scratch_model.T = 0
@@ -1034,6 +1066,82 @@ def evaluate(device, loader, max_batches):
     return total / batches
 
 
+HELLASWAG_GPU_POSITIONS = 16384  # on a GPU, a HellaSwag forward takes at least this many positions (16 x 1024)
+
+
+def read_hellaswag(path, cfg):
+    """The examples of an llm.c eval file (prepro_hellaswag.py writes them), and the
+    longest row's input length; one line of error for a file that is not one, a token
+    outside the vocabulary or an example longer than the model's context."""
+    from prepro_hellaswag import PreproError, example_rows, read_eval_file
+    if not os.path.isfile(path):
+        raise UserError(f"--hellaswag-data {path}: not found (run python prepro_hellaswag.py)")
+    try:
+        examples = read_eval_file(path)
+    except PreproError as e:
+        raise UserError(str(e))
+    longest = 0
+    for i, example in enumerate(examples):
+        for row, _, _ in example_rows(example):
+            check_tokens(np.array(row), cfg.vocab_size, f"{path}: example {i}")
+            if len(row) - 1 > cfg.max_seq_len:
+                raise UserError(f"{path}: example {i} has {len(row)} tokens, more than the model's "
+                                f"max_seq_len={cfg.max_seq_len} + 1")
+            longest = max(longest, len(row) - 1)
+    return examples, longest
+
+
+def hellaswag_rows(examples, B, T):
+    """One batch of B rows of T positions (4 rows an example, llm.c's EvalLoader):
+    inputs are each row's context + ending shifted for next-token prediction, targets the
+    ending's tokens where the model predicts them and -1 elsewhere (and in the padding
+    rows of a short last batch)."""
+    from prepro_hellaswag import example_rows
+    inputs = np.zeros((B, T), dtype=np.int32)
+    targets = np.full((B, T), -1, dtype=np.int32)
+    for k, example in enumerate(examples):
+        for r, (row, start, end) in enumerate(example_rows(example)):
+            inputs[4 * k + r, :len(row) - 1] = row[:-1]
+            first = max(start, 1)  # row[j] is predicted at position j - 1 (none for row[0])
+            targets[4 * k + r, first - 1:end - 1] = row[first:end]
+    return inputs, targets
+
+
+def hellaswag_predictions(device, examples, T, rows):
+    """The ending each example's model picks: the lowest mean cross-entropy of the
+    ending's tokens given the context (llm.c's acc_norm), from the per-position losses
+    of forward passes of `rows` rows (a multiple of 4) at T positions, through a
+    forward-only view of the device."""
+    evaluator = device.evaluator(rows, T)
+    picks = []
+    for first in range(0, len(examples), rows // 4):
+        batch = examples[first:first + rows // 4]
+        inputs, targets = hellaswag_rows(batch, rows, T)
+        evaluator.forward(inputs, targets)
+        losses = evaluator.losses_to_host().reshape(rows, T).astype(np.float64)
+        scored = targets >= 0
+        mean = (losses * scored).sum(axis=1) / np.maximum(scored.sum(axis=1), 1)
+        picks += [int(p) for p in mean.reshape(-1, 4).argmin(axis=1)[:len(batch)]]
+    return picks
+
+
+def hellaswag_evaluate(device, examples, T, rows, dist=SINGLE):
+    """(correct, total) over every rank: rank r scores examples r, r + N, ... and the
+    counts are summed (llm.c's split)."""
+    mine = examples[dist.rank::dist.world]
+    picks = hellaswag_predictions(device, mine, T, rows) if mine else []
+    correct = sum(int(pick == example["label"]) for pick, example in zip(picks, mine))
+    return int(dist.sum(correct)), int(dist.sum(len(mine)))
+
+
+def hellaswag_shape(args, longest):
+    """(T, rows) of the HellaSwag forwards: rows as long as the longest example, as many
+    as the training batch's positions hold (on a GPU at least HELLASWAG_GPU_POSITIONS), a
+    multiple of 4 and at least 4."""
+    positions = max(args.batch_size * args.seq_len, HELLASWAG_GPU_POSITIONS if args.device == "cuda" else 0)
+    return longest, max(4, positions // longest // 4 * 4)
+
+
 def check_device(name):
     """Fail early, in one line, when the target cannot run here."""
     if name == "cuda":
@@ -1205,7 +1313,13 @@ def parse_args(argv):
     g.add_argument("--eval-only", action="store_true",
                    help="print the val loss and perplexity of --init over -m batches (default 5; -m 0: the whole "
                         "val split) and exit")
-    g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
+    g.add_argument("--hellaswag", action="store_true",
+                   help="HellaSwag accuracy (llm.c's -h 1) at every val step and with --eval-only: each ending scored "
+                        "by the mean loss of its tokens, the lowest wins")
+    g.add_argument("--hellaswag-data", metavar="PATH", default="data/hellaswag/hellaswag_val.bin",
+                   help="--hellaswag: llm.c's eval file (python prepro_hellaswag.py writes it)")
+    g.add_argument("--sample", action="store_true",
+                   help="generate text from --init and exit (with --device cuda: on the GPU, in --precision)")
     g.add_argument("--prompt", default="", help="--sample: text to continue (empty: start from <|endoftext|>)")
     g.add_argument("--vocab", metavar="FILE", default=None,
                    help="--prompt: gpt2.tiktoken BPE ranks file; none: <mirror>/gpt2.tiktoken, else "
@@ -1214,8 +1328,10 @@ def parse_args(argv):
                    help="--prompt: directory holding gpt2.tiktoken; none: $DATA_MIRROR")
     g.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=0, help="--sample: keep the k most likely tokens (0: all)")
-    g.add_argument("--no-kv-cache", action="store_true", help="--sample: recompute the whole sequence per token")
-    g.add_argument("--compare-kv-cache", action="store_true", help="--sample: time generation with and without the cache")
+    g.add_argument("--no-kv-cache", action="store_true",
+                   help="--sample on the CPU: recompute the whole sequence per token")
+    g.add_argument("--compare-kv-cache", action="store_true",
+                   help="--sample on the CPU: time generation with and without the cache")
     g.add_argument("--export-hf", metavar="PATH", default=None,
                    help="write the model as a Hugging Face GPT-2 folder (model.safetensors, config.json, "
                         "generation_config.json) that transformers' from_pretrained loads; a path ending in "
@@ -1232,6 +1348,8 @@ def parse_args(argv):
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cpu" and args.precision != "fp32":
         p.error(f"--precision {args.precision} needs --device cuda (the CPU trains in fp32)")
+    if (args.no_kv_cache or args.compare_kv_cache) and args.device != "cpu":
+        p.error("--no-kv-cache and --compare-kv-cache time the CPU's generation; the GPU's uses its KV cache")
     if args.profile and args.device != "cpu":
         p.error("--profile times the CPU layers; on CUDA use dev/cuda_check.py bench --profile")
     if args.total_batch_tokens and args.total_batch_tokens % (args.batch_size * args.seq_len):
@@ -1247,13 +1365,17 @@ def parse_args(argv):
 
 
 def sample_mode(model, args, tokenizer):
+    """--sample: on the CPU, or with --device cuda on the GPU (its KV cache, the run's precision)."""
     prompt = encode_prompt(args.prompt, args.vocab, args.mirror) if args.prompt else [start_token(model.cfg)]
-    announce_first_compile()
+    device = build_device(args.device, model, 1, 1, args.precision)
+    if args.device == "cpu":
+        announce_first_compile()
     runs = [False, True] if args.compare_kv_cache else [not args.no_kv_cache]
     outputs = []
     for use_cache in runs:
         t0 = time.perf_counter()
-        tokens, _ = generate(model, prompt, args.gen_tokens, args.temperature, args.top_k, args.seed, use_cache)
+        tokens, _ = generate(model, prompt, args.gen_tokens, args.temperature, args.top_k, args.seed, use_cache,
+                             device.decoder())
         seconds = time.perf_counter() - t0
         outputs.append(tokens)
         print(f"[{'with' if use_cache else 'without'} KV cache: {len(tokens)} tokens in {seconds:.2f} s, "
@@ -1358,17 +1480,22 @@ def main(args, dist=SINGLE):
     if T > cfg.max_seq_len:
         raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
     val_loader = DataLoader(args.val_data, B, T, cfg.vocab_size) if args.val_data else None
+    hellaswag = read_hellaswag(args.hellaswag_data, cfg) if args.hellaswag else None
     device = build_device(args.device, model, B, T, args.precision, dist, args.zero_stage, args.recompute)
     if args.eval_only:
-        if val_loader is None:
-            raise UserError("--eval-only needs validation data (-j)")
-        batches = val_loader.num_batches() if args.val_batches <= 0 else min(args.val_batches, val_loader.num_batches())
-        print(f"eval: {batches} of the {val_loader.num_batches()} val batches of B={B} T={T}"
-              + (" (-m 0 for all of them)" if batches < val_loader.num_batches() else ""), flush=True)
+        if val_loader is None and hellaswag is None:
+            raise UserError("--eval-only needs validation data (-j) or --hellaswag")
         if args.device == "cpu":
             announce_first_compile()
-        loss = evaluate(device, val_loader, args.val_batches)
-        print(f"val loss {loss:.6f} | perplexity {perplexity(loss):.3f}")
+        if val_loader is not None and dist.rank == 0:
+            batches = val_loader.num_batches() if args.val_batches <= 0 else \
+                min(args.val_batches, val_loader.num_batches())
+            print(f"eval: {batches} of the {val_loader.num_batches()} val batches of B={B} T={T}"
+                  + (" (-m 0 for all of them)" if batches < val_loader.num_batches() else ""), flush=True)
+            loss = evaluate(device, val_loader, args.val_batches)
+            print(f"val loss {loss:.6f} | perplexity {perplexity(loss):.3f}")
+        if hellaswag is not None:
+            run_hellaswag(device, hellaswag, args, dist, None, 0)
         export_hf(model, args.export_hf)
         return 0
     if args.export_hf:
@@ -1395,8 +1522,9 @@ def main(args, dist=SINGLE):
           f"{accum_steps} micro-step(s) per step{f' on each of {dist.world} ranks' if dist.world > 1 else ''} "
           f"({tokens_per_step} tokens); "
           f"val: {val_loader.num_batches() if val_loader else 0} batches")
-    if dist.world > 1:
-        print(f"data parallel: {dist.world} ranks over {dist.engine}, ZeRO-{args.zero_stage}: "
+    if dist is not SINGLE:
+        ranks = f"{dist.world} rank{'s' if dist.world > 1 else ''}"
+        print(f"data parallel: {ranks} over {dist.engine}, ZeRO-{args.zero_stage}: "
               f"{device.optimizer_bytes() / 2 ** 20:.1f} MiB of AdamW state per rank")
     print(f"ready in {time.perf_counter() - t_start:.2f} s; MFU is against {peak / 1e12:.3f} TFLOP/s ({peak_source})")
     if args.device == "cpu":
@@ -1412,14 +1540,16 @@ def main(args, dist=SINGLE):
         for step in range(start_step, args.steps + 1):
             watchdog.beat()
             last = step == args.steps
-            if val_loader and dist.rank == 0 and args.val_every > 0 and (step % args.val_every == 0 or last):
+            val_step = args.val_every > 0 and (step % args.val_every == 0 or last)
+            if val_loader and dist.rank == 0 and val_step:
                 val_loss = evaluate(device, val_loader, args.val_batches)
                 print(f"val loss {val_loss:.6f} | perplexity {perplexity(val_loss):.2f}")
                 log.write(type="val", step=step, loss=val_loss, perplexity=perplexity(val_loss))
+            if hellaswag is not None and val_step:  # every rank: each scores its share
+                run_hellaswag(device, hellaswag, args, dist, log, step)
             if dist.rank == 0 and args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last):
-                device.params_to_host()
                 tokens, rng_state = generate(model, [start_token(cfg)], min(args.gen_tokens, cfg.max_seq_len - 1),
-                                             rng_state=rng_state)
+                                             rng_state=rng_state, decoder=device.decoder())
                 print("generating:\n---\n" + decode(tokenizer, tokens) + "\n---")
             if last:
                 break
@@ -1432,7 +1562,7 @@ def main(args, dist=SINGLE):
             for micro in range(accum_steps):
                 x, y = train_loader.next_batch()
                 loss += device.forward(x, y) / accum_steps
-                device.backward(micro > 0, 1.0 / (accum_steps * dist.world))  # update() sums over the ranks
+                device.backward(micro > 0, 1.0 / (accum_steps * dist.world), micro == accum_steps - 1)
             norm = device.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.weight_decay_mode,
                                  args.grad_clip)
             loss = dist.sum(loss) / dist.world
@@ -1477,6 +1607,19 @@ def main(args, dist=SINGLE):
     if args.export_hf and dist.rank == 0:
         export_hf(model, args.export_hf)
     return 0
+
+
+def run_hellaswag(device, hellaswag, args, dist, log, step):
+    """HellaSwag over the eval file, printed as llm.c prints it and logged."""
+    examples, longest = hellaswag
+    T, rows = hellaswag_shape(args, longest)
+    t0 = time.perf_counter()
+    correct, total = hellaswag_evaluate(device, examples, T, rows, dist)
+    accuracy = correct / max(total, 1)
+    print(f"HellaSwag: {correct}/{total} = {accuracy:.6f} ({time.perf_counter() - t0:.1f} s, rows of {T} tokens, "
+          f"{rows} a forward)")
+    if log is not None:
+        log.write(type="hellaswag", step=step, correct=correct, total=total, accuracy=accuracy)
 
 
 def export_hf(model, path):

@@ -1047,7 +1047,7 @@ class CUDA(common.Device):
         _communication(self.dm, self.dist)
         self.graphs = {} if graphs and precision == "bf16" and not SIM else None
         self.ran_once = set()
-        self.kv_view = None
+        self.kv_view, self.views = None, {}  # the decoding view, the forward views by shape
 
     def _device_step(self, key, work):
         """Run work() (device launches only) on the target's stream. bf16: eagerly the
@@ -1110,13 +1110,16 @@ class CUDA(common.Device):
     def evaluator(self, B, T):
         """A forward-only CUDA target at batch shape (B, T) over these parameters (no
         second copy): its activations reuse this target's activation memory where they
-        fit. For evaluations whose rows are not the training's (HellaSwag)."""
-        view = object.__new__(CUDA)
-        view.model, view.precision, view.dist = self.model, self.precision, None
-        view.dm = forward_view(self.dm, B, T)
-        view.graphs = {} if self.graphs is not None else None
-        view.ran_once = set()
-        view.kv_view = None
+        fit. For evaluations whose rows are not the training's (HellaSwag). Made once per
+        shape, with its own CUDA graphs."""
+        view = self.views.get((B, T))
+        if view is None:
+            view = object.__new__(CUDA)
+            view.model, view.precision, view.dist = self.model, self.precision, None
+            view.dm = forward_view(self.dm, B, T)
+            view.graphs = {} if self.graphs is not None else None
+            view.ran_once, view.kv_view, view.views = set(), None, {}
+            self.views[(B, T)] = view
         return view
 
     def decoder(self):

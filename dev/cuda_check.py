@@ -21,6 +21,8 @@ Subcommands:
                bf16 must refuse, in one line, a head size cuDNN cannot take.
   nccl         one NCCL rank, launched as torchrun does: every collective of
                distributed.NCCLGroup, in a CUDA graph too, and abort.
+  hellaswag    the full-size HellaSwag eval timed at 124M (10,042 synthetic examples);
+               with --checkpoint, fp32 and bf16 picking the same endings (>= 99%).
   generate     greedy generation with the KV cache on the GPU against the CPU's (fp32: the
                same tokens), tokens/s; an evaluation view's per-position losses.
   table        the summary table of the JSON files in a folder.
@@ -1214,6 +1216,83 @@ def cmd_generate(args):
     finish()
 
 
+# -----------------------------------------------------------------------------
+# HellaSwag on the GPU
+
+
+def synthetic_hellaswag(n, seed, tokens=None, vocab=50257):
+    """n examples of HellaSwag's shape (a context of 10-100 tokens, 4 endings of 5-60: rows
+    a little longer than the real val set's). With tokens (a token stream), the context
+    and the correct ending are consecutive spans of it and the other endings spans from
+    elsewhere, so a trained model has something to choose by."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        ctx_len, lens = int(rng.integers(10, 101)), [int(x) for x in rng.integers(5, 61, 4)]
+        label = int(rng.integers(0, 4))
+        if tokens is None:
+            ctx = rng.integers(0, vocab, ctx_len).tolist()
+            endings = [rng.integers(0, vocab, k).tolist() for k in lens]
+        else:
+            start = int(rng.integers(0, tokens.size - ctx_len - 61))
+            ctx = tokens[start:start + ctx_len].tolist()
+            endings = []
+            for j, k in enumerate(lens):
+                at = start + ctx_len if j == label else int(rng.integers(0, tokens.size - k))
+                endings.append(tokens[at:at + k].tolist())
+        examples.append({"label": label, "ctx_tokens": [int(t) for t in ctx],
+                         "ending_tokens": [[int(t) for t in e] for e in endings]})
+    return examples
+
+
+def cmd_hellaswag(args):
+    """The full-size HellaSwag eval on the GPU: 10,042 synthetic examples of HellaSwag's
+    shape through train_gpt2's hellaswag_evaluate at GPT-2 124M (a CUDA target built for
+    training at B=16, T=1024; the evaluator views its memory), timed per precision (bf16
+    must take at most 10 s on an H100); then,
+    with --checkpoint (a trained model), 1,000 examples made from --tokens, scored in fp32
+    and in bf16: the share of examples where both pick the same ending."""
+    import train_gpt2 as gpt
+    import train_gpt2_cuda as tc
+    from types import SimpleNamespace
+    model = common.gpt2_init_random(common.config_from_depth("d12"), 0) if not args.checkpoint else \
+        common.read_checkpoint(args.checkpoint)
+    shape = SimpleNamespace(batch_size=16, seq_len=1024, device="cuda")
+    full = synthetic_hellaswag(10042, 1, vocab=model.cfg.vocab_size)
+    longest = max(len(e["ctx_tokens"]) + max(map(len, e["ending_tokens"])) for e in full) - 1
+    T, rows = gpt.hellaswag_shape(shape, longest)
+    for prec in args.precisions.split(","):
+        device = tc.CUDA(model, 16, 1024, precision=prec)
+        gpt.hellaswag_evaluate(device, full[:rows // 4 * 2], T, rows)  # compile, plan, capture
+        t0 = time.perf_counter()
+        correct, total = gpt.hellaswag_evaluate(device, full, T, rows)
+        seconds = time.perf_counter() - t0
+        print(f"RESULT hellaswag {prec}: {total} examples in {seconds:.2f} s (rows of {T}, {rows} a forward), "
+              f"{correct}/{total} right", flush=True)
+        if prec == "bf16":  # the GPU's default precision; strict fp32 is the parity check's, and slower
+            report("hellaswag bf16 full val set within 10 s", max(0.0, seconds - 10.0), 0.0, 0, absolute=True)
+        device.free()
+    if not args.checkpoint:
+        finish()
+        return
+    tokens = common.read_token_file(args.tokens) if args.tokens else None
+    examples = synthetic_hellaswag(1000, 2, tokens=np.asarray(tokens) if tokens is not None else None)
+    longest = max(len(e["ctx_tokens"]) + max(map(len, e["ending_tokens"])) for e in examples) - 1
+    T, rows = gpt.hellaswag_shape(shape, longest)
+    picks = {}
+    for prec in ("fp32", "bf16"):
+        device = tc.CUDA(model, 16, 1024, precision=prec)
+        picks[prec] = gpt.hellaswag_predictions(device, examples, T, rows)
+        right = sum(p == e["label"] for p, e in zip(picks[prec], examples))
+        print(f"  {prec}: {right}/1000 right", flush=True)
+        device.free()
+    same = sum(a == b for a, b in zip(picks["fp32"], picks["bf16"])) / len(examples)
+    print(f"RESULT hellaswag agreement: fp32 and bf16 pick the same ending in {100 * same:.1f}% of 1000 examples",
+          flush=True)
+    report("hellaswag fp32 and bf16 agree on at least 99%", max(0.0, 0.99 - same), 0.0, 0, absolute=True)
+    finish()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1268,6 +1347,10 @@ def main():
     o.add_argument("--precisions", default="fp32,tf32,bf16")
     o.add_argument("--big", action="store_true", help="add the 3-layer, 3-head, C=96, B=3, T=37 case")
     sub.add_parser("nccl")
+    h = sub.add_parser("hellaswag")
+    h.add_argument("--checkpoint", default="", help="a trained model: fp32 and bf16 must pick alike")
+    h.add_argument("--tokens", default="", help="with --checkpoint: the token file the examples come from")
+    h.add_argument("--precisions", default="bf16,fp32", help="the timed full-size runs")
     g = sub.add_parser("generate")
     g.add_argument("--depth", type=int, default=0, help="0: a tiny model")
     g.add_argument("--tokens", type=int, default=24)
@@ -1279,7 +1362,7 @@ def main():
     t.add_argument("dir")
     args = ap.parse_args()
     {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch, "bf16": cmd_bf16,
-     "shapes": cmd_shapes, "nccl": cmd_nccl, "generate": cmd_generate, "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
+     "shapes": cmd_shapes, "nccl": cmd_nccl, "generate": cmd_generate, "hellaswag": cmd_hellaswag, "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

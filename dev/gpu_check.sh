@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
-# From the repository root:   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|anchors|dp1|dp]
+# From the repository root:
+#   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|hellaswag|overlap|anchors|dp1|dp]
 #   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
 #          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
 #          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
 #          GPT-2 124M (B=4, T=64); test_gpt2.py in fp32, tf32 and bf16 on odd shapes (every
 #          device tensor aligned; bf16 refuses a head size cuDNN cannot take, in one line);
 #          one NCCL rank: every collective, in a CUDA graph too; then dp1
+#   hellaswag: the full-size HellaSwag eval timed at 124M (10,042 synthetic examples of its shape, bf16 and
+#          fp32); on a 124M model trained 200 steps on tinyshakespeare (curve's fp32 run, made if missing),
+#          fp32 and bf16 pick the same ending in at least 99% of 1,000 synthetic examples
+#   overlap: one NCCL rank at 124M, B=16, T=1024: step time of a plain run, of gradient sums by buckets
+#          during the backward, and of one sum in the update (what the overlap costs or saves)
 #   dp1:   one rank through torchrun (NCCL, gradient sums by buckets during the backward)
 #          at -z 0 and -z 1, bf16 and fp32: the losses and norms equal a plain run's bit for
 #          bit, and the one-rank run's checkpoint resumes in a plain run, bit for bit
@@ -56,6 +62,7 @@ if [ "$what" = all ] || [ "$what" = check ]; then
     step python3 dev/cuda_check.py parity --depth 12 --B 4 --T 64 --tf32 0,1 --tokens "$VAL" --json "$OUT/parity_d12.json"
     step python3 dev/cuda_check.py shapes --count 3 --big
     step python3 dev/cuda_check.py nccl
+    step python3 dev/cuda_check.py generate --depth 12 --tokens 32
 fi
 if [ "$what" = all ] || [ "$what" = check ] || [ "$what" = dp1 ]; then
     # one NCCL rank through torchrun against a plain run: losses and norms bit for bit; the one-rank
@@ -160,6 +167,20 @@ print(f"determinism: 10 bf16 steps, losses and norms of two runs {'identical' if
 sys.exit(0 if same else 1)
 PY
     rm -f "$OUT"/determinism_*/*.bin
+fi
+if [ "$what" = hellaswag ]; then
+    trained="$OUT/curve_fp32/model_00000200.bin"
+    [ -f "$trained" ] || step python3 train_gpt2.py --device cuda --precision fp32 -i "$TRAIN" -j "$VAL" -b 8 -t 1024 \
+        -x 200 -v 200 -m 0 -s 0 -l 6e-4 -u 20 --lr-schedule cosine -q 0.1 --seed 1337 -o "$OUT/curve_fp32" --overwrite
+    step python3 dev/cuda_check.py hellaswag --checkpoint "$trained" --tokens "$VAL"
+fi
+if [ "$what" = overlap ]; then
+    for round in 1 2; do
+        for mode in "" "--nccl" "--nccl --reduce-in-update"; do
+            step python3 dev/cuda_check.py bench --precision bf16 --steps 30 --warmup 5 --tokens "$TRAIN" $mode
+        done
+    done
+    grep -h "^RESULT\|^== ours" "$OUT/log.txt"
 fi
 if [ "$what" = anchors ]; then
     # ours and the peers in one call, alternating (ours, the anchors, ours again): GPT-2 from scratch at DEPTH (12),

@@ -9,7 +9,9 @@ evaluation. A log holds one run (train_gpt2.py refuses a new run into a folder w
 another run's log; --resume trims what was logged after its checkpoint and appends);
 should a step still appear twice, the last record of it wins. The top panel shows the
 train loss (a thin line, with a moving average once there are enough steps) and the val
-loss (markers joined by a line) against the step; the bottom panel the learning rate.
+loss (markers joined by a line) against the step; the bottom panel the learning rate. A
+log with {"type": "hellaswag", "step", "correct", "total", "accuracy"} records (--hellaswag)
+gets a panel beside the loss with the HellaSwag accuracy.
 
 Errors (a missing, empty or unreadable log, a line that is not a JSON object, no train
 or val records) are one line "error: ..." on stderr and exit code 1. The one exception is
@@ -29,8 +31,8 @@ class LogError(Exception):
 
 
 def read_log(path):
-    """{'train': [(step, loss, lr)], 'val': [(step, loss)]}, sorted by step, the last
-    record of a step winning."""
+    """{'train': [(step, loss, lr)], 'val': [(step, loss)], 'hellaswag': [(step,
+    accuracy)]}, sorted by step, the last record of a step winning."""
     if not os.path.exists(path):
         raise LogError(f"log not found: {path}")
     if os.path.isdir(path):
@@ -41,7 +43,7 @@ def read_log(path):
         lines = text.splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LogError(f"cannot read {path}: {e}")
-    train, val = {}, {}
+    train, val, hellaswag = {}, {}, {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -56,6 +58,12 @@ def read_log(path):
         if not isinstance(record, dict):
             raise LogError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         kind = record.get("type")
+        if kind == "hellaswag":
+            try:
+                hellaswag[int(record["step"])] = (int(record["step"]), float(record["accuracy"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise LogError(f"{path}:{number}: hellaswag record without a numeric step/accuracy ({e!r})")
+            continue
         if kind not in ("train", "val"):
             continue  # other record types may be added later
         try:
@@ -73,7 +81,8 @@ def read_log(path):
         raise LogError(f"{path} is empty: no steps logged yet")
     if not train and not val:
         raise LogError(f"{path}: no train or val records")
-    return {"train": [train[s] for s in sorted(train)], "val": [val[s] for s in sorted(val)]}
+    return {"train": [train[s] for s in sorted(train)], "val": [val[s] for s in sorted(val)],
+            "hellaswag": [hellaswag[s] for s in sorted(hellaswag)]}
 
 
 def moving_average(values, window):
@@ -91,9 +100,24 @@ def plot(log, out_path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = log["train"], log["val"]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 1]})
+    train, val, hellaswag = log["train"], log["val"], log.get("hellaswag", [])
+    if hellaswag:
+        fig, axes = plt.subplots(2, 2, figsize=(14, 6.5), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1], "width_ratios": [3, 2]})
+        (ax_loss, ax_hs), (ax_lr, ax_empty) = axes
+        ax_empty.axis("off")
+        ax_hs.plot([s for s, _ in hellaswag], [100 * a for _, a in hellaswag], color="tab:purple", marker="o",
+                   markersize=4, linewidth=1.5)
+        last_step, last_accuracy = hellaswag[-1]
+        ax_hs.annotate(f"{100 * last_accuracy:.1f}%", (last_step, 100 * last_accuracy), textcoords="offset points",
+                       xytext=(-6, -14), ha="right", color="tab:purple", fontsize=9)
+        ax_hs.set_title("HellaSwag accuracy (%)")
+        ax_hs.grid(True, alpha=0.3)
+        ax_hs.tick_params(labelbottom=True)
+        ax_hs.set_xlabel("step")
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 1]})
     if train:
         steps = [s for s, _, _ in train]
         losses = [l for _, l, _ in train]
@@ -163,6 +187,8 @@ def main(argv=None):
     train, val = log["train"], log["val"]
     summary = f"{len(train)} train steps" + (f" (final loss {train[-1][1]:.4f})" if train else "")
     summary += f", {len(val)} val points" + (f" (final val loss {val[-1][1]:.4f})" if val else "")
+    hellaswag = log["hellaswag"]
+    summary += f", {len(hellaswag)} HellaSwag points (final {100 * hellaswag[-1][1]:.1f}%)" if hellaswag else ""
     print(f"wrote {out}: {summary}")
     return 0
 

@@ -145,6 +145,52 @@ def torch_grads_flat(model):
                            for _, t in torch_reference.llmc_tensors(model, grads=True)])
 
 
+LLMC_DATA_DIR = SHARED / "anchors" / "llmc" / "dev" / "data"  # llm.c's dev/data scripts: the real writers
+
+
+def reference_encoding():
+    """The GPT-2 encoding built from the documented recipe (shared/docs/llmc-facts.md), not
+    through the code under test."""
+    import tiktoken
+    import tiktoken.load
+    return tiktoken.Encoding(
+        name="gpt2_reference",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(SHARED_DATA / "gpt2.tiktoken")),
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def llmc_data_common():
+    """llm.c's dev/data/data_common.py (write_datafile, write_evalfile), imported from the anchors."""
+    if str(LLMC_DATA_DIR) not in sys.path:
+        sys.path.insert(0, str(LLMC_DATA_DIR))
+    import data_common
+    return data_common
+
+
+class FakeResponse:
+    """A requests response standing in for a download: the payload in chunks."""
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.headers = {"content-length": str(len(payload))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        for start in range(0, len(self.payload), chunk_size):
+            yield self.payload[start:start + chunk_size]
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """/work/shared/data (the offline mirror: tinyshakespeare.txt, gpt2.tiktoken), found

@@ -68,7 +68,8 @@ def sim_runs():
     """Both simulator runs start together (each is one single-threaded Python process, and
     they take minutes): the tests below wait for their own."""
     runs = {"kernels": start_sim("kernels", "--steps", "2", "--attention-blocks", "1,3"),
-            "bf16": start_sim("bf16", "--steps", "2")}
+            "bf16": start_sim("bf16", "--steps", "2"),
+            "shapes": start_sim("shapes", "--count", "1", "--steps", "2")}
     yield runs
     for proc in runs.values():
         if proc.poll() is None:
@@ -101,3 +102,36 @@ def test_bf16_matches_fp32_cpu_within_bf16_rounding(sim_runs):
                  "resumed params", "gelu recompute on/off grads", "bias+GELU epilogue only on multiples of 64",
                  "fused gelu s0 grad fcw", "fused gelu s0 logits"):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
+
+
+def test_gpu_samples_greedy_as_the_cpu(tmp_path):
+    """--sample --device cuda generates on the GPU (its KV cache, here under the simulator):
+    in fp32 and greedy (temperature 0), the CPU's tokens; bf16 runs too."""
+    import gpt2_common as common
+    from conftest import TINY
+    checkpoint = tmp_path / "tiny.bin"
+    common.write_checkpoint(common.gpt2_init_random(common.GPT2Config(**TINY), seed=4), str(checkpoint))
+    outputs = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if device == "cuda" else "0", PYTHONUNBUFFERED="1")
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt2.py"), "-e", str(checkpoint), "--sample",
+                               "--temperature", "0", "-g", "8", "--device", device, "--precision", precision,
+                               "--tokenizer", "none"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs[device, precision] = proc.stdout.strip().splitlines()[-1]
+    assert len(outputs["cpu", "fp32"].split()) == 8
+    assert outputs["cuda", "fp32"] == outputs["cpu", "fp32"]
+    assert len(outputs["cuda", "bf16"].split()) == 8
+
+
+def test_odd_shapes_in_every_precision(sim_runs):
+    """test_gpt2.py --device cuda on references of odd shapes (the device aligns every
+    tensor): C/4 odd with 3 heads in fp32 and tf32, which bf16 refuses in one line (a head
+    size of 4), and a shape bf16 takes, in all three (tf32 and bf16 judged against
+    PyTorch computing the same way)."""
+    out = finish_sim(sim_runs["shapes"])
+    checks = [line for line in out.splitlines() if line.startswith("CHECK shape")]
+    assert len(checks) == 6, out[-3000:]
+    assert sum("passed OK" in line for line in checks) == 5 and sum("refused" in line for line in checks) == 1
+    assert any(" C12 " in line and "bf16 refused" in line and "head size" in line for line in checks)

@@ -18,6 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 sys.path.insert(0, str(REPO_ROOT))
 import prepro_tinyshakespeare as prepro  # noqa: E402
+from conftest import FakeResponse, reference_encoding  # noqa: E402
 
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "tinyshakespeare.txt").is_file() or not (SHARED_DATA / "gpt2.tiktoken").is_file(),
@@ -35,17 +36,6 @@ HOW_TO_SUPPLY_PARTS = ["--mirror", "DATA_MIRROR", "data/tinyshakespeare/tiny_sha
 
 
 # ---------------------------------------------------------------- helpers
-
-def reference_encoding():
-    """GPT-2 encoding built straight from the documented recipe (not through the code under test)."""
-    return tiktoken.Encoding(
-        name="gpt2_reference",
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(SHARED_DATA / "gpt2.tiktoken")),
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
-
 
 def llmc_reference_tokens(text, enc):
     """llm.c's original recipe: EOT at the start and after every blank line, encoded as one string."""
@@ -379,25 +369,6 @@ def test_offline_connection_error_fails_cleanly(in_tmp, monkeypatch, capsys):
         assert part in err
     assert all_files(in_tmp) == []
     assert (in_tmp / "data").is_dir() and not (in_tmp / "data" / "tinyshakespeare").exists()
-
-
-class FakeResponse:
-    def __init__(self, payload):
-        self.payload = payload
-        self.headers = {"content-length": str(len(payload))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def raise_for_status(self):
-        pass
-
-    def iter_content(self, chunk_size):
-        for start in range(0, len(self.payload), chunk_size):
-            yield self.payload[start:start + chunk_size]
 
 
 @needs_shared_data

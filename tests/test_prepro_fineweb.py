@@ -17,16 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiktoken
-import tiktoken.load
-
 import conftest
 
 REPO_ROOT = conftest.REPO_ROOT
 SCRIPT = REPO_ROOT / "prepro_fineweb.py"
 SHARED_DATA = conftest.SHARED_DATA
 VOCAB = SHARED_DATA / "gpt2.tiktoken"
-LLMC_DATA_DIR = conftest.SHARED / "anchors" / "llmc" / "dev" / "data"
+LLMC_DATA_DIR = conftest.LLMC_DATA_DIR
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -43,26 +40,12 @@ EOT = 50256
 
 # ---------------------------------------------------------------- references
 
-def reference_encoding():
-    """GPT-2 encoding built from the documented recipe (not through the code under test)."""
-    return tiktoken.Encoding(
-        name="gpt2_reference",
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(VOCAB)),
-        special_tokens={"<|endoftext|>": EOT},
-        explicit_n_vocab=50257,
-    )
-
-
-ENC = reference_encoding() if VOCAB.is_file() else None
+ENC = conftest.reference_encoding() if VOCAB.is_file() else None
 
 
 def llmc_write_datafile():
     """llm.c's write_datafile from its dev/data/data_common.py."""
-    if str(LLMC_DATA_DIR) not in sys.path:
-        sys.path.insert(0, str(LLMC_DATA_DIR))
-    import data_common
-    return data_common.write_datafile
+    return conftest.llmc_data_common().write_datafile
 
 
 def document_tokens(texts):

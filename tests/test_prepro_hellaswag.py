@@ -14,16 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiktoken
-import tiktoken.load
-
 import conftest
 
 REPO_ROOT = conftest.REPO_ROOT
 SCRIPT = REPO_ROOT / "prepro_hellaswag.py"
 SHARED_DATA = conftest.SHARED_DATA
 VOCAB = SHARED_DATA / "gpt2.tiktoken"
-LLMC_DATA_DIR = conftest.SHARED / "anchors" / "llmc" / "dev" / "data"
+LLMC_DATA_DIR = conftest.LLMC_DATA_DIR
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -39,25 +36,11 @@ pytestmark = pytest.mark.skipif(
 
 # ---------------------------------------------------------------- references
 
-def reference_encoding():
-    """GPT-2 encoding built from the documented recipe (not through the code under test)."""
-    return tiktoken.Encoding(
-        name="gpt2_reference",
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(VOCAB)),
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
-
-
-ENC = reference_encoding() if VOCAB.is_file() else None
+ENC = conftest.reference_encoding() if VOCAB.is_file() else None
 
 
 def llmc_write_evalfile():
-    if str(LLMC_DATA_DIR) not in sys.path:
-        sys.path.insert(0, str(LLMC_DATA_DIR))
-    import data_common
-    return data_common.write_evalfile
+    return conftest.llmc_data_common().write_evalfile
 
 
 def llmc_rendered(examples):
@@ -193,25 +176,6 @@ def test_incomplete_mirror_file_is_refused(in_tmp, mirror, capsys):
 
 # ---------------------------------------------------------------- download (fake requests.get)
 
-class FakeResponse:
-    def __init__(self, body):
-        self.body = body
-        self.headers = {"content-length": str(len(body))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def raise_for_status(self):
-        pass
-
-    def iter_content(self, chunk_size):
-        for start in range(0, len(self.body), 1000):
-            yield self.body[start:start + 1000]
-
-
 def test_download_is_streamed_and_checked(in_tmp, monkeypatch, capsys):
     examples = make_examples(25, seed=4)
     body = write_jsonl(in_tmp / "served.jsonl", examples).read_bytes()
@@ -220,7 +184,7 @@ def test_download_is_streamed_and_checked(in_tmp, monkeypatch, capsys):
 
     def fake_get(url, stream=False, timeout=None):
         calls.append((url, stream, timeout))
-        return FakeResponse(body)
+        return conftest.FakeResponse(body)
 
     monkeypatch.setattr(prepro_hellaswag.requests, "get", fake_get)
     assert prepro_hellaswag.main(["--vocab", str(VOCAB)]) == 0
