@@ -1203,7 +1203,7 @@ class CUDA(common.Device):
     def free(self):
         if self.dm is not None:
             synchronize()
-            self.graphs = None
+            self.graphs, self.kv_view, self.views = None, None, {}
             if self.dm.trains:  # a view's buffers are its parent's
                 _free(self.dm)
             self.dm = None
