@@ -16,7 +16,7 @@ REFERENCE := data/gpt2_124M.bin data/gpt2_124M_debug_state.bin
 # numpy's current OpenBLAS runs about 1.7x faster on this CPU without the pin.
 NO_BLAS_PIN := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
-.PHONY: help venv install install-test data train test pytest parity reference bench profile plot addition gpt2-124m gpu-check clean
+.PHONY: help venv install install-test data train test pytest parity reference bench profile plot addition fineweb gpt2-124m gpu-check clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,12 @@ plot:  ## loss curves of data/train_124M/log.jsonl (TRAIN_OUT=DIR: another run's
 
 addition: install  ## the masked-loss example: learn a+b=c, then report accuracy
 	$(PYTHON) dev/addition.py
+
+fineweb: install  ## the GPT-2 124M reproduction's data: FineWeb sample-10BT shards and HellaSwag val (installs requirements-data.txt)
+	@$(PYTHON) -c "import datasets, pyarrow" 2>/dev/null \
+		|| { echo "installing requirements-data.txt (datasets, pyarrow) into $(VENV)"; $(PIP) install -r requirements-data.txt; }
+	$(PYTHON) prepro_fineweb.py
+	$(PYTHON) prepro_hellaswag.py
 
 gpt2-124m:  ## GPT-2 124M on FineWeb, llm.c's recipe, on this machine's GPUs (scripts/run_gpt2_124M.sh; data first, see README)
 	PYTHON=$(PYTHON) bash scripts/run_gpt2_124M.sh

@@ -9,7 +9,9 @@
 # First make the data:  python prepro_fineweb.py      (data/fineweb10B/, about 20 GB)
 #                       python prepro_hellaswag.py    (data/hellaswag/hellaswag_val.bin)
 # Settings (environment): GPUS (all of them), B (64 sequences per GPU per micro-step: what an 80 GB GPU holds),
-# OUT (data/run_gpt2_124M), DATA (data/fineweb10B), STEPS (19073), EXTRA (more train_gpt2.py flags).
+# OUT (data/run_gpt2_124M), DATA (data/fineweb10B), HELLASWAG (data/hellaswag/hellaswag_val.bin), STEPS (19073),
+# EXTRA (more train_gpt2.py flags), DRY_RUN=1
+# (print the command instead of running it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
@@ -18,6 +20,7 @@ T=1024
 TOTAL=524288
 OUT=${OUT:-data/run_gpt2_124M}
 DATA=${DATA:-data/fineweb10B}
+HELLASWAG=${HELLASWAG:-data/hellaswag/hellaswag_val.bin}
 STEPS=${STEPS:-19073}
 PYTHON=${PYTHON:-python3}
 die() { echo "error: $*" >&2; exit 1; }
@@ -26,15 +29,21 @@ die() { echo "error: $*" >&2; exit 1; }
 pick B and GPUS with $TOTAL divisible by B * $T * GPUS (B=64 fits 1, 2, 4 or 8 GPUs)"
 ls $DATA/fineweb_train_*.bin >/dev/null 2>&1 || die "no $DATA/fineweb_train_*.bin: run python prepro_fineweb.py first"
 ls $DATA/fineweb_val_*.bin >/dev/null 2>&1 || die "no $DATA/fineweb_val_*.bin: run python prepro_fineweb.py first"
-[ -f data/hellaswag/hellaswag_val.bin ] || die "no data/hellaswag/hellaswag_val.bin: run python prepro_hellaswag.py first"
+[ -f "$HELLASWAG" ] || die "no $HELLASWAG: run python prepro_hellaswag.py first"
 train=(train_gpt2.py --device cuda --precision bf16 -e d12 -i "$DATA/fineweb_train_*.bin" -j "$DATA/fineweb_val_*.bin"
        -o "$OUT" --resume -b "$B" -t "$T" -d "$TOTAL" -x "$STEPS" -r 1 -z 1 -l 6e-4 -u 700 --lr-schedule cosine -q 0.0
-       --beta2 0.95 -c 0.1 --grad-clip 1.0 -v 250 -m 20 --hellaswag -n 5000 -s 20000 ${EXTRA:-})
-echo "GPT-2 124M on $GPUS GPU(s), B=$B, $((TOTAL / (B * T * GPUS))) micro-step(s) per step, into $OUT"
+       --beta2 0.95 -c 0.1 --grad-clip 1.0 -v 250 -m 20 --hellaswag --hellaswag-data "$HELLASWAG" -n 5000 -s 20000
+       ${EXTRA:-})
 if [ "$GPUS" -eq 1 ]; then
-    exec "$PYTHON" "${train[@]}"
+    launch=("$PYTHON")
 elif [ -n "${MPI_RANKS:-}" ]; then
-    exec mpirun -np "$GPUS" "$PYTHON" "${train[@]}"
+    launch=(mpirun -np "$GPUS" "$PYTHON")
 else
-    exec torchrun --standalone --nproc-per-node="$GPUS" "${train[@]}"
+    launch=(torchrun --standalone --nproc-per-node="$GPUS")
 fi
+echo "GPT-2 124M on $GPUS GPU(s), B=$B, $((TOTAL / (B * T * GPUS))) micro-step(s) per step, into $OUT"
+if [ -n "${DRY_RUN:-}" ]; then
+    echo "${launch[*]} ${train[*]}"
+    exit 0
+fi
+exec "${launch[@]}" "${train[@]}"

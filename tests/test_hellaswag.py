@@ -163,3 +163,38 @@ def test_ranks_split_the_examples_and_sum_the_counts(eval_files, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = int((eval_files["scores"].argmin(axis=1) == [e["label"] for e in eval_files["examples"]]).sum())
     assert proc.stdout.count("HellaSwag: ") == 1 and f"HellaSwag: {expected}/13 = " in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# scripts/run_gpt2_124M.sh: llm.c's recipe, launched for the GPU count it is given
+
+
+def run_script(tmp_path, **settings):
+    env = dict(os.environ, DATA=str(tmp_path / "fineweb10B"), HELLASWAG=str(tmp_path / "hellaswag_val.bin"),
+               DRY_RUN="1")
+    env.update(settings)
+    return subprocess.run(["bash", str(REPO_ROOT / "scripts" / "run_gpt2_124M.sh")], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_run_script_launches_llmcs_recipe(tmp_path):
+    (tmp_path / "fineweb10B").mkdir()
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin"):
+        write_token_file(tmp_path / "fineweb10B" / name, np.arange(10))
+    prepro_hellaswag.write_eval_file(tmp_path / "hellaswag_val.bin", synthetic_examples(2, seed=1))
+    one = run_script(tmp_path, GPUS="1")
+    assert one.returncode == 0, one.stderr
+    command = one.stdout.strip().splitlines()[-1].split()
+    assert "torchrun" not in command and command[1] == "train_gpt2.py"
+    for flag, value in (("-d", "524288"), ("-t", "1024"), ("-b", "64"), ("-x", "19073"), ("-l", "6e-4"), ("-u", "700"),
+                        ("-q", "0.0"), ("-c", "0.1"), ("--beta2", "0.95"), ("-v", "250"), ("-m", "20"), ("-n", "5000"),
+                        ("-z", "1"), ("--precision", "bf16")):
+        assert command[command.index(flag) + 1] == value, flag
+    assert "--hellaswag" in command and "--resume" in command and "8 micro-step(s)" in one.stdout
+    eight = run_script(tmp_path, GPUS="8")
+    assert eight.returncode == 0 and "--nproc-per-node=8" in eight.stdout and "1 micro-step(s)" in eight.stdout
+    three = run_script(tmp_path, GPUS="3")
+    lines = three.stderr.strip().splitlines()
+    assert three.returncode == 1 and len(lines) == 1 and "cannot split 524288 tokens" in lines[0]
+    missing = run_script(tmp_path, GPUS="1", DATA=str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "run python prepro_fineweb.py first" in missing.stderr
