@@ -20,14 +20,14 @@ import pytest
 
 import gpt2_common as common
 import train_gpt2 as gpt
-from conftest import REPO_ROOT, SHARED_DATA, llmc_layout, subprocess_env
+from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
+from test_trainer import params_of, tensor  # the same tiny config, so the same checkpoint layout
 
 TRAIN_GPT2 = REPO_ROOT / "train_gpt2.py"
 PREPRO = REPO_ROOT / "prepro_tinyshakespeare.py"
 VOCAB = SHARED_DATA / "gpt2.tiktoken"
 CFG = dict(max_seq_len=32, vocab_size=64, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
 B, T = 2, 16
-LAYOUT = llmc_layout(**CFG)
 CONV1D = {"qkvw", "attprojw", "fcw", "fcprojw"}  # HF keeps these as (in, out): our (out, in) transposed
 HF_NAMES = {"ln1w": "ln_1.weight", "ln1b": "ln_1.bias", "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
             "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias", "ln2w": "ln_2.weight",
@@ -81,20 +81,6 @@ def read_log(out_dir):
 
 def ckpt(out_dir, step, kind="model"):
     return Path(out_dir) / f"{kind}_{step:08d}.bin"
-
-
-def params_of(path):
-    """The float32 parameters of an llm.c v3 checkpoint, read by its header layout."""
-    raw = Path(path).read_bytes()
-    assert list(np.frombuffer(raw[:8], dtype="<i4")) == [20240326, 3]
-    return np.frombuffer(raw[1024:], dtype="<f4")
-
-
-def tensor(flat, name):
-    for n, shape, start, end in LAYOUT:
-        if n == name:
-            return flat[start:end].reshape(shape)
-    raise KeyError(name)
 
 
 @pytest.fixture(scope="module")
@@ -333,8 +319,8 @@ def test_makefile_shows_what_it_installs():
     """pip runs without -q, after a line that says what is being installed."""
     makefile = (REPO_ROOT / "Makefile").read_text()
     installs = [line for line in makefile.splitlines() if "$(PIP) install" in line]
-    assert len(installs) == 2 and not any(" -q" in line for line in installs), installs
-    for requirements in ("requirements.txt", "requirements-test.txt"):
+    assert len(installs) == 3 and not any(" -q" in line for line in installs), installs
+    for requirements in ("requirements.txt", "requirements-test.txt", "requirements-data.txt"):
         assert re.search(rf"echo \"installing .*{re.escape(requirements)}", makefile), requirements
 
 
