@@ -169,11 +169,7 @@ LT_TIMING_REPS = 5                        # timed calls per candidate (the media
 def tuning_cache_path():
     """Where the matmul algorithm choices are kept, per GPU and cuBLASLt version:
     $GPT2PY_TUNING_CACHE, else gpt2py/cublaslt_algorithms.json in $XDG_CACHE_HOME (~/.cache)."""
-    path = os.environ.get("GPT2PY_TUNING_CACHE")
-    if path:
-        return path
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gpt2py", "cublaslt_algorithms.json")
+    return common.cache_file("GPT2PY_TUNING_CACHE", "cublaslt_algorithms.json")
 
 
 def load_tuning(path):

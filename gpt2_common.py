@@ -70,6 +70,16 @@ def write_file_atomic(path, chunks):
         os.close(dir_fd)
 
 
+def cache_file(variable, name):
+    """Where a small file that outlives runs is kept (a measured rate, tuned choices): the
+    path in $variable, else gpt2py/name in $XDG_CACHE_HOME (~/.cache)."""
+    path = os.environ.get(variable)
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2py", name)
+
+
 def bfloat16_to_float32(bits):
     """bfloat16 is the top half of a float32: widen uint16 bit patterns exactly."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from gpt2_common import (  # noqa: E402  (shapes, formats, data, errors: what the CUDA target shares)
-    GELU_CUBE, GELU_SCALE, DataLoader, Device, UserError, activation_grad_shapes,
+    GELU_CUBE, GELU_SCALE, DataLoader, Device, UserError, activation_grad_shapes, cache_file,
     activation_shapes, buffer_size, check_tokens, decode, encode_prompt, ensure_gradients, ensure_optimizer_buffers,
     checkpoint_paths, list_checkpoint_steps, load_model, load_training_checkpoint, matrix_groups, parameter_shapes,
     read_tokenizer, remove_run_files, run_files, save_training_checkpoint, slice_views, start_token, write_file_atomic,
@@ -593,6 +593,7 @@ class CPU(Device):
     def __init__(self, model, B, T, dist=SINGLE, zero_stage=0):
         self.model, self.dist = model, dist
         ensure_activations(model, B, T)
+        self.views = {}  # the forward-only evaluators by batch shape
         self.shard = None  # (lo, grads, m, v) of this rank's part of the buffer under ZeRO-1
         if zero_stage == 1 and dist.world > 1:
             lo, hi = shard_range(model.num_parameters, dist.world, dist.rank)
@@ -642,13 +643,12 @@ class CPU(Device):
     def evaluator(self, B, T):
         """A forward-only CPU target at batch shape (B, T) over the same parameters: a
         shallow copy of the host model, with activations of its own (made once per shape)."""
-        views = self.__dict__.setdefault("views", {})
-        if (B, T) not in views:
+        if (B, T) not in self.views:
             view = copy.copy(self.model)
             view.B = view.T = 0
             view.acts = view.dacts = None
-            views[(B, T)] = CPU(view, B, T)
-        return views[(B, T)]
+            self.views[(B, T)] = CPU(view, B, T)
+        return self.views[(B, T)]
 
     def decoder(self):
         return HostDecoder(self.model)
@@ -942,11 +942,7 @@ def measure_cpu_peak_flops():
 def cpu_peak_cache_path():
     """Where the measured sgemm rate is kept: $GPT2PY_CPU_PEAK_CACHE, else
     gpt2py/cpu_peak.json in $XDG_CACHE_HOME (~/.cache)."""
-    path = os.environ.get("GPT2PY_CPU_PEAK_CACHE")
-    if path:
-        return path
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gpt2py", "cpu_peak.json")
+    return cache_file("GPT2PY_CPU_PEAK_CACHE", "cpu_peak.json")
 
 
 def cpu_peak_key():

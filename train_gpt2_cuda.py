@@ -761,7 +761,7 @@ def update_on_device(dm, grad_clip, reduce_first):
     norm and clip scale; AdamW; the all-gather (ZeRO-1); and under bf16 the bf16 weights
     of the next step. The norm before clipping lands in dm.normbuf[0] (overwritten by the
     next update); nothing here waits for the device."""
-    dist, stream = dm.dist, dm.stream_ptr if dm.compute_stream is not None else 0
+    dist, stream = dm.dist, dm.stream_ptr  # the compute stream (0: the legacy default stream)
     if reduce_first:
         _sum_over_ranks(dm, 0, dm.grads_memory.size, stream)
     if dm.sharded:

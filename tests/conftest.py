@@ -148,6 +148,14 @@ def torch_grads_flat(model):
 LLMC_DATA_DIR = SHARED / "anchors" / "llmc" / "dev" / "data"  # llm.c's dev/data scripts: the real writers
 
 
+# the prepro tests read the offline GPT-2 ranks and tinyshakespeare, and compare with llm.c's own writers
+needs_shared_data_and_llmc = pytest.mark.skipif(
+    not (SHARED_DATA / "gpt2.tiktoken").is_file() or not (SHARED_DATA / "tinyshakespeare.txt").is_file()
+    or not (LLMC_DATA_DIR / "data_common.py").is_file(),
+    reason=f"needs {SHARED_DATA} (gpt2.tiktoken, tinyshakespeare.txt) and llm.c's {LLMC_DATA_DIR}",
+)
+
+
 def reference_encoding():
     """The GPT-2 encoding built from the documented recipe (shared/docs/llmc-facts.md), not
     through the code under test."""

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import conftest
+import prepro_hellaswag
+from prepro_tinyshakespeare import PreproError
 
 REPO_ROOT = conftest.REPO_ROOT
 SCRIPT = REPO_ROOT / "prepro_hellaswag.py"
@@ -22,16 +25,7 @@ SHARED_DATA = conftest.SHARED_DATA
 VOCAB = SHARED_DATA / "gpt2.tiktoken"
 LLMC_DATA_DIR = conftest.LLMC_DATA_DIR
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-import prepro_hellaswag  # noqa: E402
-from prepro_tinyshakespeare import PreproError  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not VOCAB.is_file() or not (SHARED_DATA / "tinyshakespeare.txt").is_file()
-    or not (LLMC_DATA_DIR / "data_common.py").is_file(),
-    reason=f"needs {SHARED_DATA} (gpt2.tiktoken, tinyshakespeare.txt) and llm.c's {LLMC_DATA_DIR}",
-)
+pytestmark = conftest.needs_shared_data_and_llmc
 
 
 # ---------------------------------------------------------------- references
