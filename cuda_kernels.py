@@ -688,14 +688,17 @@ def classifier_grad4(x0, x1, x2, x3, lv, dloss, j, tg, V, fast):
 
 
 @cuda.jit(**JIT)
-def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
+def k_classifier_backward(logits, lse, targets, V, stats, loss_scale, per_target):
     # in place: logits (quads) become dlogits = (softmax - onehot) * dloss, dloss =
-    # loss_scale / #valid; padding columns and masked rows get zero. One pass over each row.
+    # loss_scale / #valid (per_target: 1, the scale applied later); padding columns and
+    # masked rows get zero. One pass over each row.
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     fast = logits.shape[2] == 1
     cnt = stats[1]
     dloss = float32(loss_scale / cnt) if cnt > 0.0 else F0
+    if per_target:
+        dloss = ONE
     tg = targets[row]
     if tg < 0:
         dloss = F0
@@ -714,8 +717,9 @@ def k_classifier_backward(logits, lse, targets, V, stats, loss_scale):
 
 
 @cuda.jit(**JIT)
-def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow, part):
-    # dinp (+)= the layernorm input gradient, float32 row sums as the CPU; with has_shadow,
+def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_shadow, part, dscale):
+    # dinp (+)= the layernorm input gradient of dout * dscale[0] (dinp may be dout: each
+    # thread reads its quad of a row before writing it), float32 row sums as the CPU; with has_shadow,
     # shadow = dinp too (the bf16 copy of a float32 residual gradient that the matmuls
     # read). Thread k of a block owns quad k (columns 4k..4k+3) of every row, the blocks
     # strided over the rows: a row's two sums are one block reduction, and the thread's
@@ -731,6 +735,7 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
     N = inp.shape[0]
     nq = inp.shape[1]
     Cf = float32(4 * nq)
+    sc = dscale[0]
     mine = k < nq  # (the block is whole warps)
     w0 = w1 = w2 = w3 = F0
     if mine:
@@ -744,6 +749,10 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
         if mine:
             x0, x1, x2, x3 = ld4(inp, i, k)
             d0, d1, d2, d3 = ld4(dout, i, k)
+            d0 *= sc
+            d1 *= sc
+            d2 *= sc
+            d3 *= sc
             if not overwrite:
                 o0, o1, o2, o3 = ld4(dinp, i, k)
         n0 = (x0 - m) * s
@@ -774,6 +783,27 @@ def k_layernorm_backward(dinp, dout, inp, w, mean, rstd, overwrite, shadow, has_
         st4(part, b, k, p0, p1, p2, p3)
         st4(part, b, nq + k, q0, q1, q2, q3)
         st4(part, b, 2 * nq + k, r0, r1, r2, r3)
+
+
+@cuda.jit(**JIT)
+def k_classifier_wte_grad(gwte, pending, stats, dscale, loss_scale, accumulate):
+    # the classifier's wte gradient, summed per target by the forward (pending), scaled
+    # now that the loss scale is known: gwte (+)= pending * loss_scale / #valid (flat
+    # quads); dscale[0] = that scale, for the final layernorm's backward
+    cnt = stats[1]
+    s = float32(loss_scale / cnt) if cnt > 0.0 else F0
+    if cuda.grid(1) == 0:
+        dscale[0] = s
+    for q in range(cuda.grid(1), gwte.shape[1], cuda.gridsize(1)):
+        p0, p1, p2, p3 = ld4(pending, 0, q)
+        p0 *= s
+        p1 *= s
+        p2 *= s
+        p3 *= s
+        if accumulate:
+            g0, g1, g2, g3 = ld4(gwte, 0, q)
+            p0, p1, p2, p3 = add4(g0, g1, g2, g3, p0, p1, p2, p3)
+        st4(gwte, 0, q, p0, p1, p2, p3)
 
 
 @cuda.jit(device=True)
@@ -1171,29 +1201,41 @@ def loss_reduce(stats, losses, targets):
     _launch(k_loss_reduce, 1, RED_THREADS)(stats, losses, targets)
 
 
-def classifier_backward(logits, lse, targets, V, stats, loss_scale):
+def classifier_backward(logits, lse, targets, V, stats, loss_scale, per_target=False):
+    """logits become dlogits in place: of loss_scale * the mean loss, or (per_target) of
+    each target's loss unscaled (classifier_wte_grad and the layernorm's dout_scale scale
+    them later)."""
     _launch(k_classifier_backward, logits.shape[0], CE_THREADS)(quads(logits), lse, targets, V, stats,
-                                                                 float(loss_scale))
+                                                                 float(loss_scale), int(per_target))
+
+
+def classifier_wte_grad(gwte, pending, stats, dscale, loss_scale, accumulate):
+    """gwte (+)= pending * loss_scale / #valid targets; dscale[0] = that scale."""
+    _launch(k_classifier_wte_grad, _elt_grid(gwte.size // 4), ELT_THREADS)(
+        flat_quads(gwte), flat_quads(pending), stats, dscale, float(loss_scale), int(accumulate))
 
 
 def layernorm_backward_scratch(C):
     """layernorm_backward's scratch: the per-block partial sums, their colsum scratch, and
     a vector for the matmul bias gradient of a layernorm that has none (the first one)."""
     part = alloc(LNB_BLOCKS * 3 * C).reshape(LNB_BLOCKS, 3 * C)
-    return SimpleNamespace(part=part, sums=colsum_scratch(LNB_BLOCKS, 3 * C), unused=alloc(C))
+    return SimpleNamespace(part=part, sums=colsum_scratch(LNB_BLOCKS, 3 * C), unused=alloc(C),
+                           one=cuda.to_device(np.ones(1, np.float32)))
 
 
 def layernorm_backward(scratch, dinp, dout, inp, w, mean, rstd, overwrite, dw, db, accumulate, dbias=None,
-                       shadow=None):
+                       shadow=None, dout_scale=None):
     """dinp (+)= the input gradient of ln = layernorm(inp) (mean, rstd of its forward) from
-    dout; dw, db (+)= its weight and bias gradients (accumulate); dbias (+)= the column sums
-    of the new dinp: the bias gradient of the matmul whose output inp is (None: there is
-    none); shadow: a bf16 copy of dinp."""
+    dout (times dout_scale[0], a device float32, when given; dinp may be dout); dw, db (+)=
+    its weight and bias gradients (accumulate); dbias (+)= the column sums of the new dinp:
+    the bias gradient of the matmul whose output inp is (None: there is none); shadow: a
+    bf16 copy of dinp."""
     C = inp.shape[1]
     threads = (C // 4 + LANES - 1) // LANES * LANES  # a thread a quad, whole warps
     _launch(k_layernorm_backward, LNB_BLOCKS, threads)(
         quads(dinp), quads(dout), quads(inp), quads(w), mean, rstd, int(overwrite),
-        quads(dinp if shadow is None else shadow), int(shadow is not None), quads(scratch.part))
+        quads(dinp if shadow is None else shadow), int(shadow is not None), quads(scratch.part),
+        scratch.one if dout_scale is None else dout_scale)
     colsum(scratch.sums, dw, scratch.part, accumulate, mode=2, out2=db,
            out3=scratch.unused if dbias is None else dbias)
 

@@ -407,12 +407,15 @@ class Attention:
     the B*NH*T*T scores never reach memory. q, k, v are read in place from the qkv rows
     (B, T, 3, NH, HS), the output written as (B, T, NH, HS) rows, the softmax's
     logsumexp (float32, B*NH*T) kept for the backward, which writes dq, dk, dv in place
-    into the dqkv rows. bf16 in and out, float32 inside. Under the simulator, the same
-    contract in numpy."""
+    into the dqkv rows. bf16 in and out, float32 inside. deterministic: the backward's
+    fixed-order kernels (a separate dq pass), where cuDNN has them (9.11 and later), so
+    a seed repeats its losses; False takes its default kernels, which sum dq with
+    atomics. Under the simulator, the same contract in numpy."""
 
-    def __init__(self, B, NH, T, HS, stream_ptr):
+    def __init__(self, B, NH, T, HS, stream_ptr, deterministic=True):
         self.B, self.NH, self.T, self.HS = B, NH, T, HS
         self.scale = 1.0 / math.sqrt(HS)
+        self.deterministic = bool(deterministic)  # (the emulation always is)
         if SIM:
             return
         try:  # cudnn-frontend dlopens the CUDA runtime: the wheel's copy, where there is one
@@ -462,12 +465,13 @@ class Attention:
                 t.set_output(True).set_dim(dims).set_stride(qkv_stride).set_data_type(bf16)
             return b, build(b), (bq, bk, bv, bo, bdo, bst, dq, dk, dv)
 
-        try:  # a fixed accumulation order (cuDNN 9.11 and later): a seed repeats its losses
-            b, bws, self.bwd_tensors = backward_graph(True)
-            self.deterministic = True
-        except Exception:  # noqa: BLE001  (older cuDNN or binding: the default kernels)
+        if self.deterministic:
+            try:
+                b, bws, self.bwd_tensors = backward_graph(True)
+            except Exception:  # noqa: BLE001  (older cuDNN or binding: the default kernels)
+                self.deterministic = False
+        if not self.deterministic:
             b, bws, self.bwd_tensors = backward_graph(False)
-            self.deterministic = False
         ws = max(build(f), bws, 1)
         self.workspace = cuda.device_array(ws, dtype=np.uint8)
         self.fwd, self.fwd_tensors = f, (q, k, v, o, stats)

@@ -853,7 +853,8 @@ class Device:
         raise NotImplementedError
 
     def logits_to_host(self):
-        """(B*T, Vp) logits of the last forward (dlogits once a backward has run)."""
+        """(B*T, Vp) logits of the last forward (the CPU and CUDA fp32 / tf32: the dlogits once a
+        backward has run)."""
         raise NotImplementedError
 
     def losses_to_host(self):
@@ -862,7 +863,8 @@ class Device:
 
     def evaluator(self, B, T):
         """A forward-only target of the same kind at batch shape (B, T) over the same
-        parameters (no copy of them): for evaluations whose rows are not the training's."""
+        parameters (no copy of them): for evaluations (the val loss, HellaSwag), whose
+        forward needs none of the work a training forward does for its backward."""
         raise NotImplementedError
 
     def decoder(self):

@@ -642,7 +642,10 @@ class CPU(Device):
 
     def evaluator(self, B, T):
         """A forward-only CPU target at batch shape (B, T) over the same parameters: a
-        shallow copy of the host model, with activations of its own (made once per shape)."""
+        shallow copy of the host model, with activations of its own (made once per shape);
+        at the training's own shape, this target (its forward does nothing for a backward)."""
+        if (B, T) == (self.model.B, self.model.T):
+            return self
         if (B, T) not in self.views:
             view = copy.copy(self.model)
             view.B = view.T = 0
@@ -1053,8 +1056,9 @@ def evaluate(device, loader, max_batches):
         from tqdm import tqdm
         bar = tqdm(total=batches, desc="val", unit="batch", leave=False, file=sys.stderr)
     total = 0
+    evaluator = device.evaluator(loader.B, loader.T)  # a forward that prepares no backward
     for _ in range(batches):
-        total += device.forward(*loader.next_batch())
+        total += evaluator.forward(*loader.next_batch())
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -1146,11 +1150,12 @@ def check_device(name):
             raise UserError("--device cuda: no CUDA GPU found (install numba-cuda and CuPy; check the driver)")
 
 
-def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0, recompute=1):
+def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0, recompute=1, deterministic=1):
     """The training target by name ('cpu' or 'cuda'), built from the host model;
     precision: fp32 (both), tf32 or bf16 (cuda); dist and zero_stage make it one rank of
     a data-parallel run; recompute (cuda bf16): the GELU output is recomputed in the
-    backward (1) or kept per layer (0)."""
+    backward (1) or kept per layer (0); deterministic (cuda bf16): 0 takes cuDNN's
+    faster attention backward, whose sums vary in order from run to run."""
     check_device(name)
     if name == "cpu":
         if precision != "fp32":
@@ -1158,7 +1163,7 @@ def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0,
         return CPU(model, B, T, dist, zero_stage)
     import train_gpt2_cuda
     return train_gpt2_cuda.CUDA(model, B, T, precision=precision, dist=dist, zero_stage=zero_stage,
-                                recompute_gelu=bool(recompute))
+                                recompute_gelu=bool(recompute), deterministic=bool(deterministic))
 
 
 class JsonlLog:
@@ -1259,6 +1264,9 @@ def parse_args(argv):
     g.add_argument("-r", "--recompute", type=int, choices=[0, 1], default=1,
                    help="cuda bf16: recompute the GELU output in the backward (1, llm.c's default: less memory) or "
                         "keep it per layer (0: faster)")
+    g.add_argument("--deterministic", type=int, choices=[0, 1], default=1,
+                   help="cuda bf16: 1 runs cuDNN's attention backward in a fixed order, so a seed repeats its "
+                        "losses bit for bit; 0 takes its faster kernels, whose gradient sums vary in order")
     g = p.add_argument_group("data parallel (launch with mpirun -np N, srun, or torchrun's environment)")
     g.add_argument("-z", "--zero-stage", type=int, choices=[0, 1], default=0,
                    help="0: every rank keeps all of AdamW's state; 1 (ZeRO-1): each keeps and updates 1/N of it")
@@ -1477,7 +1485,8 @@ def main(args, dist=SINGLE):
         raise UserError(f"-t {T} exceeds the model's max_seq_len={cfg.max_seq_len}")
     val_loader = DataLoader(args.val_data, B, T, cfg.vocab_size) if args.val_data else None
     hellaswag = read_hellaswag(args.hellaswag_data, cfg) if args.hellaswag else None
-    device = build_device(args.device, model, B, T, args.precision, dist, args.zero_stage, args.recompute)
+    device = build_device(args.device, model, B, T, args.precision, dist, args.zero_stage, args.recompute,
+                          args.deterministic)
     if args.eval_only:
         if val_loader is None and hellaswag is None:
             raise UserError("--eval-only needs validation data (-j) or --hellaswag")

@@ -69,7 +69,8 @@ from numba import cuda
 import distributed
 import gpt2_common as common
 from cuda_kernels import (  # noqa: F401  (the launchers; tests and dev scripts reach them through this module too)
-    MAX_THREADS, NORM_BLOCKS, adamw, bias_forward, bias_gelu_forward, classifier_backward, classifier_forward, colsum,
+    MAX_THREADS, NORM_BLOCKS, adamw, bias_forward, bias_gelu_forward, classifier_backward, classifier_forward,
+    classifier_wte_grad, colsum,
     attention_decode, colsum_scratch, encoder_backward_wpe, encoder_backward_wte, encoder_buckets, encoder_layernorm,
     fill,
     gelu_forward, global_norm, layernorm_backward, layernorm_backward_scratch, loss_reduce,
@@ -302,7 +303,7 @@ def _communication(dm, dist):
 
 SHARED_WITH_VIEWS = ("cfg", "precision", "tf32", "blas", "stream", "stream_ptr", "compute_stream", "launch_stream",
                      "num_parameters", "layout", "params", "grads", "P", "G", "params16_memory", "params16", "lt",
-                     "recompute_gelu", "attention_blocks")
+                     "recompute_gelu", "attention_blocks", "classifier_rows", "deterministic")
 
 
 def forward_view(dm, B, T, kv=None):
@@ -793,13 +794,17 @@ BF16_ACTIVATIONS = ("ln1", "qkv", "atty", "ln2", "fch")
 F32_ACTIVATIONS = ("residual2", "residual3", "ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")
 
 
-def bf16_activation_shapes(cfg, B, T, recompute_gelu=True):
-    """The bf16 activations and backward scratch (one buffer), then the float32 ones."""
+CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time (see classifier_bf16)
+
+
+def bf16_activation_shapes(cfg, B, T, recompute_gelu=True, classifier_rows=CLASSIFIER_ROWS):
+    """The bf16 activations and backward scratch (one buffer), then the float32 ones. The
+    logits hold one chunk of the classifier's rows."""
     L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
     bf16 = [("ln1", (L, BT, C)), ("qkv", (L, BT, 3 * C)), ("atty", (L, BT, C)), ("ln2", (L, BT, C)),
             ("fch", (L, BT, 4 * C)), ("fch_gelu", (BT, 4 * C) if recompute_gelu else (L, BT, 4 * C)),
-            ("lnf", (BT, C)), ("logits", (BT, Vp)),
-            ("dresidual16", (BT, C)), ("dC", (BT, C)), ("d3C", (BT, 3 * C)), ("d4C", (BT, 4 * C))]
+            ("lnf", (BT, C)), ("logits", (min(BT, classifier_rows), Vp)),
+            ("dresidual16", (BT, C)), ("dC", (BT, C)), ("d4C", (BT, 4 * C))]  # d3C: the front of d4C
     f32 = [("encoded", (BT, C)), ("residual2", (L, BT, C)), ("residual3", (L, BT, C)), ("dresidual", (BT, C)),
            ("ln1_mean", (L, BT)), ("ln1_rstd", (L, BT)), ("ln2_mean", (L, BT)), ("ln2_rstd", (L, BT)),
            ("lnf_mean", (BT,)), ("lnf_rstd", (BT,)), ("losses", (BT,)), ("logsumexp", (BT,)),
@@ -816,16 +821,22 @@ def fuses_gelu(BT, C):
     return BT % 64 == 0 and C % 64 == 0
 
 
-def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute_gelu=True):
+def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute_gelu=True,
+                   classifier_rows=CLASSIFIER_ROWS, deterministic=True):
     """to_device for bf16: the float32 state of _parameters_to_device, a bf16 copy of the
-    parameters (same layout), the bf16 and float32 activations, one stream that every
-    kernel, matmul, attention call and copy of the step goes to (so a step can be
-    captured in a CUDA graph), the cuBLASLt plans and the cuDNN attention graphs."""
+    parameters (same layout), the bf16 and float32 activations, the classifier's wte
+    gradient per target (classifier_bf16), one stream that every kernel, matmul,
+    attention call and copy of the step goes to (so a step can be captured in a CUDA
+    graph), the cuBLASLt plans and the cuDNN attention graphs. deterministic: cuDNN's
+    attention backward in a fixed order (else its faster atomic dq sums)."""
     cfg = model.cfg
     _check_shape(cfg, B, T, "bf16")
+    if classifier_rows < 1:
+        raise ValueError(f"classifier_rows must be positive, not {classifier_rows}")
     dm = CudaGPT2()
     dm.precision = "bf16"
     dm.recompute_gelu = bool(recompute_gelu)
+    dm.classifier_rows, dm.deterministic = int(classifier_rows), bool(deterministic)
     dm.trains, dm.kv = True, None
     if SIM:
         dm.stream, dm.stream_ptr, dm.compute_stream = 0, 0, None
@@ -839,6 +850,8 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     dm.params16_memory = alloc(dm.params_memory.size, np.uint16)
     store(dm.params16_memory, dm.params_memory)
     dm.params16 = dm.layout.views(dm.params16_memory)
+    dm.wte_grad_pending = alloc(dm.params.wte.size)
+    dm.dlnf_scale = cuda.to_device(np.ones(1, np.float32))
     dm.lt = Lt(dm.stream_ptr)
     _activations_bf16(dm, None, None)
     return dm
@@ -851,7 +864,7 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
     cfg, B, T = dm.cfg, dm.B, dm.T
     C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
     dm.fused_gelu = fuses_gelu(B * T, C)
-    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute_gelu)
+    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute_gelu, dm.classifier_rows)
     layered16 = BF16_ACTIVATIONS + (() if dm.recompute_gelu else ("fch_gelu",))
     acts16 = DeviceLayout(bf16, layered16, L, DEVICE_ALIGN // 2)
     acts32 = DeviceLayout(f32, F32_ACTIVATIONS + ("att_stats",), L, DEVICE_ALIGN // 4)
@@ -861,6 +874,7 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
     for name, view in vars(acts32.views(dm.acts32_memory)).items():
         setattr(dm.acts, name, view)
     a = dm.acts
+    a.d3C = a.d4C.reshape(-1)[:B * T * 3 * C].reshape(B * T, 3 * C)  # a layer's attention gradient, after its MLP's
     dm.A = SimpleNamespace(**{name: getattr(a, name) for name in BF16_ACTIVATIONS + F32_ACTIVATIONS})
     dm.att_stats = [addr(x) for x in a.att_stats]
     dm.A.fch_gelu = [a.fch_gelu] * L if dm.recompute_gelu else a.fch_gelu
@@ -874,11 +888,15 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
         setattr(ad, "g" + name, [addr(x) for x in getattr(dm.G, name)])
     for name in BF16_ACTIVATIONS + ("fch_gelu", "residual2", "residual3"):
         setattr(ad, name, [addr(x) for x in getattr(dm.A, name)])
-    for name in ("encoded", "lnf", "logits", "dresidual16", "dC", "d3C", "d4C"):
+    for name in ("encoded", "lnf", "logits", "dresidual", "dresidual16", "dC", "d3C", "d4C"):
         setattr(ad, name, addr(getattr(a, name)))
-    ad.wte, ad.gwte = addr(dm.params16.wte), addr(dm.grads.wte)
+    ad.wte = addr(dm.params16.wte)
+    ad.wte_grad_pending = addr(dm.wte_grad_pending) if dm.trains else None
     dm.addr = ad
-    dm.attention = Attention(B, NH, T, C // NH, dm.stream_ptr) if dm.kv is None else None
+    R = a.logits.shape[0]  # the classifier's chunks of rows: (first row, rows, their views)
+    dm.chunks = [(r0, min(R, B * T - r0), a.logits[:min(R, B * T - r0)], a.losses[r0:r0 + R], a.logsumexp[r0:r0 + R],
+                  dm.targets[r0:r0 + R]) for r0 in range(0, B * T, R)]
+    dm.attention = Attention(B, NH, T, C // NH, dm.stream_ptr, dm.deterministic) if dm.kv is None else None
 
 
 def gpt2_forward_bf16(dm):
@@ -913,10 +931,50 @@ def gpt2_forward_bf16(dm):
             nxt = (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
         residual_layernorm(A.residual3[l], None, None, *nxt)
         residual = ad.residual3[l]
-    lt.matmul(False, True, BT, Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
-    if dm.has_loss:
-        classifier_forward(a.losses, a.logsumexp, a.logits, dm.targets, V)
-        loss_reduce(dm.stats, a.losses, dm.targets)
+    classifier_bf16(dm)
+
+
+def classifier_bf16(dm):
+    """The tied-embedding classifier, and its backward, a chunk of rows at a time: the
+    logits buffer holds dm.classifier_rows rows, not B*T (at 124M, B=16, T=1024: 0.41
+    GB instead of 1.65). Each chunk's logits are computed, then their losses and, when
+    the forward prepares a backward, turned into dlogits in place and multiplied out at
+    once: the lnf gradient of the chunk's rows (float32, into dresidual) and the chunk's
+    part of the wte gradient (summed into wte_grad_pending), both per target (dloss =
+    1): the loss scale comes with the backward, which applies it (classifier_wte_grad,
+    the final layernorm's dout_scale). Without targets, the logits are computed when one
+    chunk holds them all (a decoding step); else logits_to_host computes them.
+    Each chunk reads and writes the float32 Vp x C wte gradient sum once, so smaller
+    chunks cost time: on an H100 at 124M, B=16, one call, 2,048 rows ran 466.7k tokens/s
+    in 7.68 GiB, 4,096 (the default) 475.7k in 7.87, one chunk of all 16,384 479.7k in
+    9.02; the whole-logits classifier this replaced, 476.4k in 8.95 (the call before)."""
+    cfg, C, Vp, V = dm.cfg, dm.cfg.channels, dm.cfg.padded_vocab_size, dm.cfg.vocab_size
+    ad, lt = dm.addr, dm.lt
+    if not dm.has_loss:
+        if len(dm.chunks) == 1:
+            lt.matmul(False, True, dm.chunks[0][1], Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)
+        return
+    for r0, n, logits, losses, logsumexp, targets in dm.chunks:
+        lnf = ad.lnf + 2 * r0 * C
+        lt.matmul(False, True, n, Vp, C, lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
+        classifier_forward(losses, logsumexp, logits, targets, V)
+        if dm.backward_ready:
+            classifier_backward(logits, logsumexp, targets, V, dm.stats, 1.0, per_target=True)
+            lt.matmul(False, False, n, C, Vp, ad.logits, Vp, ad.wte, C, ad.dresidual + 4 * r0 * C, C, out_fp32=True)
+            lt.matmul(True, False, Vp, C, n, ad.logits, Vp, lnf, C, ad.wte_grad_pending, C, out_fp32=True,
+                      accumulate=r0 > 0)
+    loss_reduce(dm.stats, dm.acts.losses, dm.targets)
+
+
+def logits_bf16(dm, host):
+    """host (B*T, Vp float32) = the logits of the last forward's rows, computed again a
+    chunk at a time from lnf (the classifier keeps no more than a chunk of them)."""
+    C, Vp, ad = dm.cfg.channels, dm.cfg.padded_vocab_size, dm.addr
+    for r0, n, logits, _, _, _ in dm.chunks:
+        dm.lt.matmul(False, True, n, Vp, C, ad.lnf + 2 * r0 * C, C, ad.wte, C, ad.logits, Vp)
+        synchronize()
+        host[r0:r0 + n] = common.bfloat16_to_float32(logits.copy_to_host())
+    return host
 
 
 def gpt2_backward_bf16(dm, accumulate, loss_scale):
@@ -929,12 +987,12 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
 
-    classifier_backward(a.logits, a.logsumexp, dm.targets, V, dm.stats, loss_scale)
-    lt.matmul(False, False, BT, C, Vp, ad.logits, Vp, ad.wte, C, ad.dC, C)
-    lt.matmul(True, False, Vp, C, BT, ad.logits, Vp, ad.lnf, C, ad.gwte, C, out_fp32=True, accumulate=accumulate)
+    # the classifier's part ran with the forward, per target (classifier_bf16): scaled here
+    classifier_wte_grad(g.wte, dm.wte_grad_pending, dm.stats, dm.dlnf_scale, loss_scale, accumulate)
     last_residual = A.residual3[L - 1] if L > 0 else a.encoded
-    layernorm_backward(lnb, a.dresidual, a.dC, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, g.lnfw, g.lnfb,
-                       accumulate, dbias=G.fcprojb[L - 1] if L > 0 else None, shadow=a.dresidual16)
+    layernorm_backward(lnb, a.dresidual, a.dresidual, last_residual, p.lnfw, a.lnf_mean, a.lnf_rstd, True, g.lnfw,
+                       g.lnfb, accumulate, dbias=G.fcprojb[L - 1] if L > 0 else None, shadow=a.dresidual16,
+                       dout_scale=dm.dlnf_scale)
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
@@ -1025,12 +1083,14 @@ class CUDA(common.Device):
     name = "cuda"
 
     def __init__(self, model, B, T, precision="tf32", attention_blocks=None, dist=None, zero_stage=0,
-                 graphs=True, recompute_gelu=True):
+                 graphs=True, recompute_gelu=True, deterministic=True, classifier_rows=CLASSIFIER_ROWS):
         """dist: one rank of a data-parallel run (distributed.setup), which has already
         made this rank's GPU (LOCAL_RANK) the current one, NCCL even with one rank;
         zero_stage 1 shards m and v. graphs: capture bf16 steps in CUDA graphs (never
-        under the simulator). recompute_gelu (bf16): recompute the GELU output in the
-        backward instead of keeping it per layer."""
+        under the simulator). bf16 only: recompute_gelu, recompute the GELU output in the
+        backward instead of keeping it per layer; deterministic=False, cuDNN's faster
+        attention backward whose dq sums vary in order (a seed no longer repeats bit for
+        bit); classifier_rows, the rows of logits computed at a time."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.model = model
@@ -1040,7 +1100,8 @@ class CUDA(common.Device):
         shard_optimizer = bool(self.dist) and zero_stage == 1
         if precision == "bf16":
             self.dm = to_device_bf16(model, B, T, shards=world, rank=rank, shard_optimizer=shard_optimizer,
-                                     recompute_gelu=recompute_gelu)
+                                     recompute_gelu=recompute_gelu, classifier_rows=classifier_rows,
+                                     deterministic=deterministic)
         else:
             self.dm = to_device(model, B, T, tf32=precision == "tf32", attention_blocks=attention_blocks,
                                 shards=world, rank=rank, shard_optimizer=shard_optimizer)
@@ -1090,7 +1151,7 @@ class CUDA(common.Device):
         if not dm.backward_ready:
             raise RuntimeError("backward needs a forward pass with targets first")
         _stage_buckets(dm)
-        dm.backward_ready = False  # the logits become dlogits
+        dm.backward_ready = False  # the dlogits (fp32, tf32) or the classifier's gradients (bf16) are used up
         backward = gpt2_backward_bf16 if self.precision == "bf16" else gpt2_backward_cuda
         accumulate, loss_scale = bool(accumulate), float(loss_scale)
         dm.reducing = self.dist is not None and bool(last_micro_step)
@@ -1180,9 +1241,12 @@ class CUDA(common.Device):
         dm.step = int(model.step)
 
     def logits_to_host(self):
+        """fp32, tf32: the logits buffer as it is (dlogits after a backward); bf16: the
+        last forward's logits, computed again (classifier_bf16 keeps a chunk of them)."""
         dm = self.dm
-        logits = dm.acts.logits.copy_to_host()
-        return common.bfloat16_to_float32(logits) if logits.dtype == np.uint16 else logits
+        if self.precision == "bf16":
+            return logits_bf16(dm, np.empty((dm.B * dm.T, dm.cfg.padded_vocab_size), np.float32))
+        return dm.acts.logits.copy_to_host()
 
     def grads_to_host(self):
         synchronize()

@@ -695,7 +695,52 @@ def cmd_bf16(args):
         d.free()
     report("gelu recompute on/off losses", results[0][0], results[1][0], 0.0, absolute=True)
     report("gelu recompute on/off grads", results[0][1], results[1][1], 0.0, absolute=True)
+    classifier_chunks(tc, cfg, Bq, Tq, rng)
     finish()
+
+
+def classifier_chunks(tc, cfg, B, T, rng):
+    """The bf16 classifier in chunks of rows (5 rows: chunks 5, 5, 5, 1 of B*T = 16)
+    against one chunk of all rows: the losses, the logits computed again on request, and
+    the gradients of an accumulating step with a loss scale and masked targets (some
+    chunks wholly masked), which the backward applies to the forward's per-target
+    gradients; a forward-only evaluator gives the training forward's loss."""
+    x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    y2 = y.copy()
+    y2.reshape(-1)[3:12] = -1
+    import train_gpt2 as cpu
+    ref = cpu.CPU(common.gpt2_init_random(cfg, 8), B, T)  # the float32 CPU target, the same calls
+    ref.forward(x, y)
+    ref.backward(accumulate=False, loss_scale=0.5)
+    ref.forward(x, y2)
+    ref.backward(accumulate=True, loss_scale=0.5)
+    out = {}
+    for rows in (B * T, 5):
+        d = tc.CUDA(common.gpt2_init_random(cfg, 8), B, T, precision="bf16", classifier_rows=rows)
+        got = [d.forward(x, y)]
+        got.append(d.logits_to_host()[:, :cfg.vocab_size].copy())
+        d.backward(accumulate=False, loss_scale=0.5)
+        got.append(d.forward(x, y2))
+        d.backward(accumulate=True, loss_scale=0.5)
+        got.append(d.grads_to_host().copy())
+        d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+        got.append(d.forward(x, y))
+        got.append(d.evaluator(B, T).forward(x, y))
+        out[rows] = got
+        d.free()
+    one, chunked = out[B * T], out[5]
+    report("classifier chunks: loss", chunked[0], one[0], 1e-6)
+    report("classifier chunks: logits", chunked[1], one[1], 1e-6)
+    report("classifier chunks: masked loss", chunked[2], one[2], 1e-6)
+    report("classifier chunks: grads", chunked[3], one[3], 1e-5)
+    report("classifier chunks: next loss", chunked[4], one[4], 1e-4)
+    report("classifier chunks: evaluator", chunked[5], chunked[4], 0.0, absolute=True)
+    report("classifier chunks: grads vs CPU fp32", chunked[3], ref.grads_to_host(), 5e-2, norm=True)
+    d = cpu.build_device("cuda", common.gpt2_init_random(cfg, 8), B, T, "bf16", deterministic=0)
+    report("--deterministic 0 reaches the attention", float(d.dm.deterministic or d.dm.attention.deterministic), 0.0,
+           0.0, absolute=True)
+    d.free()
 
 
 # -----------------------------------------------------------------------------
@@ -825,10 +870,18 @@ def cmd_bench(args):
         return times, losses
 
     t0 = time.time()
+    cuda.current_context()
+    memory_before = tc.device_memory_used()  # the CUDA context and the libraries loaded so far
     device = tc.CUDA(model, B, T, precision=prec, attention_blocks=args.attention_blocks or None,
-                     graphs=not args.no_graphs, recompute_gelu=bool(args.recompute), dist=dist)
+                     graphs=not args.no_graphs, recompute_gelu=bool(args.recompute), dist=dist,
+                     deterministic=bool(args.deterministic), classifier_rows=args.classifier_rows or tc.CLASSIFIER_ROWS)
+    memory_built = tc.device_memory_used()
     blocks = f"attention blocks {len(device.dm.attn_blocks)}" if prec != "bf16" else \
-        f"cuDNN attention, CUDA graphs {'off' if args.no_graphs else 'on'}, GELU recompute {args.recompute}"
+        f"cuDNN attention ({'deterministic' if device.dm.attention.deterministic else 'atomic dq'} backward), " \
+        f"CUDA graphs {'off' if args.no_graphs else 'on'}, GELU recompute {args.recompute}, classifier rows " \
+        f"{device.dm.acts.logits.shape[0]}"
+    result.update(deterministic=bool(args.deterministic), classifier_rows=int(device.dm.acts.logits.shape[0])) \
+        if prec == "bf16" else None
     print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, {blocks}"
           f"{', one NCCL rank, ' + result['nccl'] if dist else ''}", flush=True)
     t0 = time.time()
@@ -860,6 +913,8 @@ def cmd_bench(args):
     ph = np.median(np.array(phase), axis=0)
     result["phase_ms"] = {"forward": ph[0], "backward": ph[1], "update": ph[2]}
     print(f"  phases (ms): forward {ph[0]:.1f} backward {ph[1]:.1f} update {ph[2]:.1f}", flush=True)
+    if args.memory:
+        result["memory"] = memory_table(device.dm, memory_before, memory_built, result["mem_bytes"])
 
     if args.profile:
         profile_step(tc, device, nxt, opt, args, prec)
@@ -884,6 +939,91 @@ def cmd_bench(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def memory_table(dm, before, built, running):
+    """Where the device memory of a run goes: each buffer the target allocated (the
+    activations tensor by tensor), what the CUDA context held before it, and the rest
+    (the libraries' handles and workspaces, CUDA graphs, allocator slack): printed in
+    GiB, returned as {name: bytes}."""
+    rows = {}
+    for name in ("params_memory", "params16_memory", "grads_memory", "m_memory", "v_memory", "wte_grad_pending",
+                 "acts_memory", "dacts_memory"):
+        x = getattr(dm, name, None)
+        if x is not None:
+            rows[name] = x.nbytes
+    layered = {}
+    for name, x in vars(dm.acts).items():
+        layered[name] = sum(v.nbytes for v in x) if isinstance(x, list) else x.nbytes
+    for name in ("acts16_memory", "acts32_memory"):
+        x = getattr(dm, name, None)
+        if x is not None:
+            rows[name] = x.nbytes
+    scratch = sum(x.nbytes for x in (dm.colsum_scratch.part, dm.layernorm_scratch.part, dm.staging))
+    scratch += getattr(getattr(dm, "attention", None), "workspace", np.zeros(0)).nbytes
+    lt = getattr(dm, "lt", None)
+    scratch += getattr(lt, "workspace", np.zeros(0)).nbytes if lt is not None else 0
+    rows["scratch and library workspaces"] = scratch
+    ours = sum(rows.values())
+    rows["context before the target"] = before
+    rows["other (handles, graphs, allocator)"] = running - before - ours
+    print(f"  memory: {running / 2**30:.2f} GiB in use while training ({built / 2**30:.2f} after building the target)")
+    for name, n in rows.items():
+        print(f"    {n / 2**30:7.3f} GiB  {name}")
+    print("    activations, tensor by tensor:")
+    for name, n in sorted(layered.items(), key=lambda kv: -kv[1]):
+        if n >= 2**20:
+            x = getattr(dm.acts, name)
+            shape = (len(x),) + tuple(x[0].shape) if isinstance(x, list) else tuple(x.shape)
+            print(f"      {n / 2**30:7.3f} GiB  {name} {shape}")
+    rows.update({"activation " + k: v for k, v in layered.items()})
+    return rows
+
+
+def cmd_memory(args):
+    """The buffers of a bf16 training run, from the layouts alone (no GPU needed): ours
+    against llm.c's train_gpt2.cu (bf16, cuDNN attention, its default -r 1: the GELU
+    recomputed) at the same shape, row by row, in GiB. What neither counts: the CUDA
+    context, the libraries' handles and workspaces, CUDA graphs (bench --memory measures
+    those on a GPU)."""
+    import train_gpt2_cuda as tc
+    cfg = common.config_from_depth(f"d{args.depth}")
+    B, T = args.B, args.T
+    L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
+    N = tc.parameter_layout(cfg).size  # ours: every tensor 256-byte aligned
+    N_llmc = common.buffer_size(common.parameter_shapes(cfg))
+    bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, True, tc.CLASSIFIER_ROWS)
+    ours = {name: int(np.prod(shape)) * 2 for name, shape in bf16}
+    ours.update({name: int(np.prod(shape)) * 4 for name, shape in f32})
+    lnstats = 4 * L * BT * 4  # ln1, ln2 mean and rstd (float32), both
+    rows = [  # (what, ours, llm.c) in bytes
+        ("float32 master weights", 4 * N, 4 * N_llmc),
+        ("bf16 weights", 2 * N, 2 * N_llmc),
+        ("AdamW m, v (float32)", 8 * N, 8 * N_llmc),
+        ("parameter gradients (ours float32, llm.c bf16)", 4 * N, 2 * N_llmc),
+        ("wte gradient per target (float32; ours: the chunked classifier)", 4 * Vp * C, 0),
+        ("residual stream: residual2, residual3 (ours float32, llm.c bf16)",
+         ours["residual2"] + ours["residual3"], 2 * 2 * L * BT * C),
+        ("layernorm outputs ln1, ln2 (bf16)", ours["ln1"] + ours["ln2"], 2 * 2 * L * BT * C),
+        ("qkv (bf16)", ours["qkv"], 2 * 3 * L * BT * C),
+        ("atty (bf16)", ours["atty"], 2 * L * BT * C),
+        ("fch, the GELU's input (bf16)", ours["fch"], 2 * 4 * L * BT * C),
+        ("fch_gelu, one layer's (bf16)", ours["fch_gelu"], 2 * 4 * BT * C),
+        ("logits (ours: one chunk of rows; llm.c: all)", ours["logits"], 2 * BT * max(3 * C, NH * T, Vp)),
+        ("backward scratch (ours: d4C, dC, dresidual, dresidual16; llm.c: bt4c, btc)",
+         sum(ours[n] for n in ("dresidual", "dresidual16", "dC", "d4C")), 2 * 5 * BT * C),
+        ("encoded, lnf (ours: encoded float32)", ours["encoded"] + ours["lnf"], 2 * 2 * BT * C),
+        ("statistics: layernorms, attention, losses (float32)",
+         sum(ours[n] for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses",
+                               "logsumexp", "att_stats")), lnstats + 4 * (3 * BT + L * B * NH * T)),
+    ]
+    print(f"memory of a bf16 training run, d{args.depth} B={B} T={T}, from the layouts (GiB):")
+    print(f"  {'ours':>7s} {'llm.c':>7s} {'ours - llm.c':>12s}  buffer")
+    for what, a, b in rows:
+        print(f"  {a / 2**30:7.3f} {b / 2**30:7.3f} {(a - b) / 2**30:+12.3f}  {what}")
+    ta, tb = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    print(f"  {ta / 2**30:7.3f} {tb / 2**30:7.3f} {(ta - tb) / 2**30:+12.3f}  total (ours / llm.c: {ta / tb:.3f}x)")
+    return rows
 
 
 def profile_step(tc, device, nxt, opt, args, prec):
@@ -1322,6 +1462,10 @@ def main():
         b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32")
         b.add_argument("--no-graphs", action="store_true", help="bench, bf16: launch every kernel from Python")
         b.add_argument("--recompute", type=int, default=1, help="bench, bf16: recompute the GELU in the backward")
+        b.add_argument("--deterministic", type=int, default=1, help="bench, bf16: 0 for cuDNN's atomic dq backward")
+        b.add_argument("--classifier-rows", type=int, default=0,
+                       help="bench, bf16: rows of logits at a time (0: train_gpt2_cuda.CLASSIFIER_ROWS)")
+        b.add_argument("--memory", action="store_true", help="bench: device memory buffer by buffer")
         b.add_argument("--steps", type=int, default=12)
         b.add_argument("--warmup", type=int, default=3)
         b.add_argument("--lr", type=float, default=6e-4)
@@ -1335,6 +1479,10 @@ def main():
                        help="bench --nccl: sum the gradients in the update, after the backward (no overlap)")
         b.add_argument("--profile", action="store_true")
         b.add_argument("--profile-rows", type=int, default=24)
+    m = sub.add_parser("memory")
+    m.add_argument("--depth", type=int, default=12)
+    m.add_argument("--B", type=int, default=16)
+    m.add_argument("--T", type=int, default=1024)
     k = sub.add_parser("bf16")
     k.add_argument("--tol", type=float, default=5e-2,
                    help="||error|| / ||reference|| vs the fp32 CPU target (after an update, AdamW turns the bf16 "
@@ -1362,6 +1510,7 @@ def main():
     t.add_argument("dir")
     args = ap.parse_args()
     {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch, "bf16": cmd_bf16,
+     "memory": cmd_memory,
      "shapes": cmd_shapes, "nccl": cmd_nccl, "generate": cmd_generate, "hellaswag": cmd_hellaswag, "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
 
 

@@ -16,6 +16,9 @@
 #   dp1:   one rank through torchrun (NCCL, gradient sums by buckets during the backward)
 #          at -z 0 and -z 1, bf16 and fp32: the losses and norms equal a plain run's bit for
 #          bit, and the one-rank run's checkpoint resumes in a plain run, bit for bit
+#   bf16:  dev/cuda_check.py bf16 (cuBLASLt's calls, cuDNN attention, steps against the CPU target, the
+#          classifier in chunks against one chunk), test_gpt2.py --precision bf16, and the bf16 benchmarks
+#          (with the device memory buffer by buffer)
 #   parity: PyTorch references (tiny, and GPT-2 124M on the first val batch), then
 #          python test_gpt2.py --device cuda on each, strict fp32; and bf16 on 124M against
 #          PyTorch's bf16 autocast on the same batch
@@ -106,6 +109,7 @@ if [ "$what" = all ] || [ "$what" = parity ]; then
     step python3 test_gpt2.py --device cuda
 fi
 if [ "$what" = all ] || [ "$what" = parity ] || [ "$what" = bf16 ]; then
+    step python3 dev/cuda_check.py bf16
     [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
     step python3 test_gpt2.py --device cuda --precision bf16
 fi
@@ -122,7 +126,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
         ${PROFILE:+--profile} --json "$OUT/bench_ours_tf32.json"
 fi
 if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = bf16 ]; then
-    step python3 dev/cuda_check.py bench --precision bf16 --steps 30 --warmup 5 --tokens "$TRAIN" \
+    step python3 dev/cuda_check.py bench --precision bf16 --steps 30 --warmup 5 --tokens "$TRAIN" --memory \
         ${PROFILE:+--profile} --json "$OUT/bench_ours_bf16.json"
     step python3 dev/cuda_check.py bench --precision bf16 --B 4 --T 64 --steps 60 --warmup 10 --tokens "$TRAIN" \
         --json "$OUT/bench_ours_bf16_small.json"

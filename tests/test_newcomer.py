@@ -271,8 +271,14 @@ class FakeDevice:
     def forward(self, x, y):
         return float(x[0, 0])
 
+    def evaluator(self, B, T):
+        assert (B, T) == (1, 1)
+        return self
+
 
 class FakeLoader:
+    B = T = 1
+
     def __init__(self, n):
         self.n, self.i = n, 0
 
