@@ -902,8 +902,7 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
 def gpt2_forward_bf16(dm):
     """The bf16 forward over the staged tokens (and targets, with dm.has_loss)."""
     cfg, B, T = dm.cfg, dm.B, dm.T
-    L, V = cfg.num_layers, cfg.vocab_size
-    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    L, C, BT = cfg.num_layers, cfg.channels, B * T
     p, a, P, A, ad, lt = dm.params, dm.acts, dm.P, dm.A, dm.addr, dm.lt
 
     embed(dm)
@@ -948,7 +947,7 @@ def classifier_bf16(dm):
     chunks cost time: on an H100 at 124M, B=16, one call, 2,048 rows ran 466.7k tokens/s
     in 7.68 GiB, 4,096 (the default) 475.7k in 7.87, one chunk of all 16,384 479.7k in
     9.02; the whole-logits classifier this replaced, 476.4k in 8.95 (the call before)."""
-    cfg, C, Vp, V = dm.cfg, dm.cfg.channels, dm.cfg.padded_vocab_size, dm.cfg.vocab_size
+    C, Vp, V = dm.cfg.channels, dm.cfg.padded_vocab_size, dm.cfg.vocab_size
     ad, lt = dm.addr, dm.lt
     if not dm.has_loss:
         if len(dm.chunks) == 1:
@@ -979,10 +978,9 @@ def logits_bf16(dm, host):
 
 def gpt2_backward_bf16(dm, accumulate, loss_scale):
     """The bf16 backward of the last forward (gradients into the float32 buffer;
-    accumulate adds to them). The logits become dlogits."""
+    accumulate adds to them), from the classifier's gradients that forward left."""
     cfg, B, T = dm.cfg, dm.B, dm.T
-    L, V = cfg.num_layers, cfg.vocab_size
-    C, Vp, BT = cfg.channels, cfg.padded_vocab_size, B * T
+    L, C, BT = cfg.num_layers, cfg.channels, B * T
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
