@@ -46,6 +46,7 @@ from prepro_tinyshakespeare import (
     HEADER_INTS,
     TOKEN_MAGIC,
     PreproError,
+    add_vocab_argument,
     run_cli,
     load_gpt2_encoding,
     resolve_mirror,
@@ -610,11 +611,7 @@ def build_arg_parser():
         help="start over: delete this name's shards and progress file in the output dir, even from other settings",
     )
     tokenizer = parser.add_argument_group("tokenizer")
-    tokenizer.add_argument(
-        "--vocab", metavar="FILE",
-        help="gpt2.tiktoken BPE ranks file (default: <mirror>/gpt2.tiktoken, else data/gpt2.tiktoken, "
-             "else tiktoken's download)",
-    )
+    add_vocab_argument(tokenizer)
     tokenizer.add_argument(
         "--mirror", metavar="DIR",
         help="directory holding gpt2.tiktoken to use instead of downloading it; default: $DATA_MIRROR",

@@ -35,6 +35,7 @@ from prepro_tinyshakespeare import (
     DOWNLOAD_TIMEOUT_S,
     HEADER_INTS,
     PreproError,
+    add_vocab_argument,
     run_cli,
     load_gpt2_encoding,
     resolve_mirror,
@@ -309,11 +310,7 @@ def build_arg_parser():
         help="directory holding hellaswag_<split>.jsonl (and optionally gpt2.tiktoken) to use instead of "
              "downloading; default: $DATA_MIRROR",
     )
-    parser.add_argument(
-        "--vocab", metavar="FILE",
-        help="gpt2.tiktoken BPE ranks file (default: <mirror>/gpt2.tiktoken, else data/gpt2.tiktoken, "
-             "else tiktoken's download)",
-    )
+    add_vocab_argument(parser)
     parser.add_argument(
         "--force", action="store_true",
         help="rewrite the eval file even if a valid one with all the official examples exists",

@@ -327,11 +327,7 @@ def build_arg_parser():
         "--out-dir", metavar="DIR",
         help=f"where to write the .bin files (default {DEFAULT_OUT_DIR}, or data/<input stem> with --input)",
     )
-    parser.add_argument(
-        "--vocab", metavar="FILE",
-        help=f"gpt2.tiktoken BPE ranks file (default: <mirror>/gpt2.tiktoken, else {DEFAULT_VOCAB_PATH}, "
-             "else tiktoken's download)",
-    )
+    add_vocab_argument(parser)
     parser.add_argument(
         "--tokenizer-out", metavar="FILE", default=str(DEFAULT_TOKENIZER_PATH),
         help="where to write llm.c's tokenizer file if missing (default %(default)s)",
@@ -448,6 +444,15 @@ def run(args):
     if vocab_out is not None:
         print(f"BPE ranks: {vocab_out} ({'written' if need_vocab else 'already present'})")
     return 0
+
+
+def add_vocab_argument(parser):
+    """The prepro scripts' --vocab flag (load_gpt2_encoding's search order)."""
+    parser.add_argument(
+        "--vocab", metavar="FILE",
+        help=f"gpt2.tiktoken BPE ranks file (default: <mirror>/gpt2.tiktoken, else {DEFAULT_VOCAB_PATH}, "
+             "else tiktoken's download)",
+    )
 
 
 def run_cli(parser, run_args, argv=None, interrupted="interrupted"):

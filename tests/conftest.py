@@ -199,6 +199,19 @@ class FakeResponse:
             yield self.payload[start:start + chunk_size]
 
 
+def assert_help_documents_every_flag(result, parser, needles):
+    """A script's --help run (result) exits 0 and names every option of its parser, each
+    with a help text, and each of needles."""
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for action in parser._actions:
+        assert action.help, action.option_strings
+        for option in action.option_strings:
+            assert option in help_text
+    for needle in needles:
+        assert needle in help_text
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """/work/shared/data (the offline mirror: tinyshakespeare.txt, gpt2.tiktoken), found

@@ -18,7 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 sys.path.insert(0, str(REPO_ROOT))
 import prepro_tinyshakespeare as prepro  # noqa: E402
-from conftest import FakeResponse, reference_encoding  # noqa: E402
+from conftest import FakeResponse, assert_help_documents_every_flag, reference_encoding  # noqa: E402
 
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "tinyshakespeare.txt").is_file() or not (SHARED_DATA / "gpt2.tiktoken").is_file(),
@@ -308,11 +308,9 @@ def test_bad_arguments_exit_2(tmp_path, args):
 
 
 def test_help_documents_every_flag(tmp_path):
-    result = run_script(["--help"], cwd=tmp_path)
-    assert result.returncode == 0
-    for flag in ["--mirror", "--input", "--val-fraction", "--out-dir", "--vocab", "--tokenizer-out", "--vocab-out",
-                 "--force", "DATA_MIRROR"]:
-        assert flag in result.stdout
+    assert_help_documents_every_flag(run_script(["--help"], cwd=tmp_path), prepro.build_arg_parser(),
+                                     ["--mirror", "--input", "--val-fraction", "--out-dir", "--vocab",
+                                      "--tokenizer-out", "--vocab-out", "--force", "DATA_MIRROR"])
 
 
 # ---------------------------------------------------------------- bad or missing copies, downloads

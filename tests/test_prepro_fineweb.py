@@ -456,15 +456,9 @@ def test_bad_arguments_exit_2(corpus, tmp_path, args, message):
 
 
 def test_help_documents_every_flag(tmp_path):
-    result = run_script(["--help"], cwd=tmp_path)
-    assert result.returncode == 0
-    help_text = " ".join(result.stdout.split())
-    for action in prepro_fineweb.build_arg_parser()._actions:
-        assert action.help, action.option_strings
-        for option in action.option_strings:
-            assert option in help_text
-    for needle in ["classic", "edu", "10B", "100B", ".jsonl", ".parquet", ".txt", "tiktoken", "DATA_MIRROR"]:
-        assert needle in help_text
+    conftest.assert_help_documents_every_flag(
+        run_script(["--help"], cwd=tmp_path), prepro_fineweb.build_arg_parser(),
+        ["classic", "edu", "10B", "100B", ".jsonl", ".parquet", ".txt", "tiktoken", "DATA_MIRROR"])
 
 
 # ---------------------------------------------------------------- streamed FineWeb (fake datasets package)

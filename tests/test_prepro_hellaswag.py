@@ -330,12 +330,6 @@ def test_bad_arguments_exit_2(tmp_path, args, message):
 
 
 def test_help_documents_every_flag(tmp_path):
-    result = run_script(["--help"], cwd=tmp_path)
-    assert result.returncode == 0
-    help_text = " ".join(result.stdout.split())
-    for action in prepro_hellaswag.build_arg_parser()._actions:
-        assert action.help, action.option_strings
-        for option in action.option_strings:
-            assert option in help_text
-    for needle in ["val", "train", "DATA_MIRROR", "data/hellaswag"]:
-        assert needle in help_text
+    conftest.assert_help_documents_every_flag(run_script(["--help"], cwd=tmp_path),
+                                              prepro_hellaswag.build_arg_parser(),
+                                              ["val", "train", "DATA_MIRROR", "data/hellaswag"])
