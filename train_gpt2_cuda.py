@@ -951,11 +951,10 @@ def classifier_bf16(dm):
     ad, lt = dm.addr, dm.lt
     if not dm.has_loss:
         if len(dm.chunks) == 1:
-            lt.matmul(False, True, dm.chunks[0][1], Vp, C, ad.lnf, C, ad.wte, C, ad.logits, Vp)
+            chunk_logits(dm, 0, dm.chunks[0][1])
         return
     for r0, n, logits, losses, logsumexp, targets in dm.chunks:
-        lnf = ad.lnf + 2 * r0 * C
-        lt.matmul(False, True, n, Vp, C, lnf, C, ad.wte, C, ad.logits, Vp)  # tied embedding
+        lnf = chunk_logits(dm, r0, n)
         classifier_forward(losses, logsumexp, logits, targets, V)
         if dm.backward_ready:
             classifier_backward(logits, logsumexp, targets, V, dm.stats, 1.0, per_target=True)
@@ -965,12 +964,20 @@ def classifier_bf16(dm):
     loss_reduce(dm.stats, dm.acts.losses, dm.targets)
 
 
+def chunk_logits(dm, r0, n):
+    """The logits buffer = rows r0 .. r0 + n of lnf times wte (the tied embedding); the
+    address of those lnf rows."""
+    C, Vp, ad = dm.cfg.channels, dm.cfg.padded_vocab_size, dm.addr
+    lnf = ad.lnf + 2 * r0 * C
+    dm.lt.matmul(False, True, n, Vp, C, lnf, C, ad.wte, C, ad.logits, Vp)
+    return lnf
+
+
 def logits_bf16(dm, host):
     """host (B*T, Vp float32) = the logits of the last forward's rows, computed again a
     chunk at a time from lnf (the classifier keeps no more than a chunk of them)."""
-    C, Vp, ad = dm.cfg.channels, dm.cfg.padded_vocab_size, dm.addr
     for r0, n, logits, _, _, _ in dm.chunks:
-        dm.lt.matmul(False, True, n, Vp, C, ad.lnf + 2 * r0 * C, C, ad.wte, C, ad.logits, Vp)
+        chunk_logits(dm, r0, n)
         synchronize()
         host[r0:r0 + n] = common.bfloat16_to_float32(logits.copy_to_host())
     return host

@@ -880,8 +880,8 @@ def cmd_bench(args):
         f"cuDNN attention ({'deterministic' if device.dm.attention.deterministic else 'atomic dq'} backward), " \
         f"CUDA graphs {'off' if args.no_graphs else 'on'}, GELU recompute {args.recompute}, classifier rows " \
         f"{device.dm.acts.logits.shape[0]}"
-    result.update(deterministic=bool(args.deterministic), classifier_rows=int(device.dm.acts.logits.shape[0])) \
-        if prec == "bf16" else None
+    if prec == "bf16":
+        result.update(deterministic=bool(args.deterministic), classifier_rows=int(device.dm.acts.logits.shape[0]))
     print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, {blocks}"
           f"{', one NCCL rank, ' + result['nccl'] if dist else ''}", flush=True)
     t0 = time.time()
@@ -959,11 +959,10 @@ def memory_table(dm, before, built, running):
         x = getattr(dm, name, None)
         if x is not None:
             rows[name] = x.nbytes
-    scratch = sum(x.nbytes for x in (dm.colsum_scratch.part, dm.layernorm_scratch.part, dm.staging))
-    scratch += getattr(getattr(dm, "attention", None), "workspace", np.zeros(0)).nbytes
-    lt = getattr(dm, "lt", None)
-    scratch += getattr(lt, "workspace", np.zeros(0)).nbytes if lt is not None else 0
-    rows["scratch and library workspaces"] = scratch
+    scratch = [dm.colsum_scratch.part, dm.layernorm_scratch.part, dm.staging]
+    if dm.precision == "bf16":  # cuBLASLt's and cuDNN's workspaces
+        scratch += [dm.lt.workspace, dm.attention.workspace]
+    rows["scratch and library workspaces"] = sum(x.nbytes for x in scratch)
     ours = sum(rows.values())
     rows["context before the target"] = before
     rows["other (handles, graphs, allocator)"] = running - before - ours
