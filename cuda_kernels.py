@@ -432,6 +432,25 @@ def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
 
 
 @cuda.jit(**JIT)
+def k_layernorm_apply(x, ln, mean, rstd, w, b):
+    # ln = (x - mean) * rstd * w + b from the forward's statistics: the bf16 backward's
+    # recompute of a layernorm output (-r 2), the same expression as layernorm_row, so the
+    # same bits. One warp per row, quads.
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * ROWS + ty
+    if i >= x.shape[0]:
+        return
+    m = mean[i]
+    rs = rstd[i]
+    for k in range(cuda.threadIdx.x, x.shape[1], LANES):
+        x0, x1, x2, x3 = ld4(x, i, k)
+        w0, w1, w2, w3 = ld4(w, 0, k)
+        b0, b1, b2, b3 = ld4(b, 0, k)
+        st4(ln, i, k, (x0 - m) * rs * w0 + b0, (x1 - m) * rs * w1 + b1, (x2 - m) * rs * w2 + b2,
+            (x3 - m) * rs * w3 + b3)
+
+
+@cuda.jit(**JIT)
 def k_bias_forward(out, bias):
     # out[i, o] += bias[o]; grid: (column blocks, row blocks), rows strided
     N, OC = out.shape
@@ -1159,6 +1178,13 @@ def residual_layernorm(res, prev, bias, ln, mean, rstd, w, b):
     bias = w if bias is None else bias
     _launch(k_residual_layernorm, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
         quads(res), quads(prev), quads(bias), quads(ln), mean, rstd, quads(w), quads(b), mode)
+
+
+def layernorm_apply(x, ln, mean, rstd, w, b):
+    """ln = layernorm(x) from its stored mean and rstd (the forward's bits again)."""
+    N = x.shape[0]
+    _launch(k_layernorm_apply, (N + ROWS - 1) // ROWS, (LANES, ROWS))(
+        quads(x), quads(ln), mean, rstd, quads(w), quads(b))
 
 
 def gelu_forward(out, inp):

@@ -1153,8 +1153,9 @@ def check_device(name):
 def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0, recompute=1, deterministic=1):
     """The training target by name ('cpu' or 'cuda'), built from the host model;
     precision: fp32 (both), tf32 or bf16 (cuda); dist and zero_stage make it one rank of
-    a data-parallel run; recompute (cuda bf16): the GELU output is recomputed in the
-    backward (1) or kept per layer (0); deterministic (cuda bf16): 0 takes cuDNN's
+    a data-parallel run; recompute (cuda bf16): what the backward computes again instead
+    of keeping per layer (0 nothing, 1 the GELU output, 2 also the layernorm outputs and
+    the residual after attention); deterministic (cuda bf16): 0 takes cuDNN's
     faster attention backward, whose sums vary in order from run to run."""
     check_device(name)
     if name == "cpu":
@@ -1163,7 +1164,7 @@ def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0,
         return CPU(model, B, T, dist, zero_stage)
     import train_gpt2_cuda
     return train_gpt2_cuda.CUDA(model, B, T, precision=precision, dist=dist, zero_stage=zero_stage,
-                                recompute_gelu=bool(recompute), deterministic=bool(deterministic))
+                                recompute=recompute, deterministic=bool(deterministic))
 
 
 class JsonlLog:
@@ -1261,9 +1262,10 @@ def parse_args(argv):
                    help="cpu: fp32 only. cuda: bf16 mixed precision (bf16 weights, activations and matmuls, float32 "
                         "master weights, gradients and AdamW state), tf32 (TF32 matmuls, float32 storage; what "
                         "--tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on cuda, fp32 on cpu")
-    g.add_argument("-r", "--recompute", type=int, choices=[0, 1], default=1,
-                   help="cuda bf16: recompute the GELU output in the backward (1, llm.c's default: less memory) or "
-                        "keep it per layer (0: faster)")
+    g.add_argument("-r", "--recompute", type=int, choices=[0, 1, 2], default=1,
+                   help="cuda bf16: what the backward computes again instead of keeping per layer: 0 nothing "
+                        "(fastest), 1 the GELU output (llm.c's default), 2 also the layernorm outputs and the "
+                        "residual after attention (least memory, a few percent slower)")
     g.add_argument("--deterministic", type=int, choices=[0, 1], default=1,
                    help="cuda bf16: 1 runs cuDNN's attention backward in a fixed order, so a seed repeats its "
                         "losses bit for bit; 0 takes its faster kernels, whose gradient sums vary in order")

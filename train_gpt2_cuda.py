@@ -74,7 +74,7 @@ from cuda_kernels import (  # noqa: F401  (the launchers; tests and dev scripts 
     attention_decode, colsum_scratch, encoder_backward_wpe, encoder_backward_wte, encoder_buckets, encoder_layernorm,
     fill,
     gelu_forward, global_norm, layernorm_backward, layernorm_backward_scratch, loss_reduce,
-    residual_layernorm, set_launch_stream, softmax_backward, softmax_forward, store)
+    layernorm_apply, residual_layernorm, set_launch_stream, softmax_backward, softmax_forward, store)
 from cuda_libraries import SIM, Attention, Blas, Lt, PtrArray, addr, alloc, release  # noqa: F401
 
 
@@ -303,7 +303,7 @@ def _communication(dm, dist):
 
 SHARED_WITH_VIEWS = ("cfg", "precision", "tf32", "blas", "stream", "stream_ptr", "compute_stream", "launch_stream",
                      "num_parameters", "layout", "params", "grads", "P", "G", "params16_memory", "params16", "lt",
-                     "recompute_gelu", "attention_blocks", "classifier_rows", "deterministic")
+                     "recompute", "attention_blocks", "classifier_rows", "deterministic")
 
 
 def forward_view(dm, B, T, kv=None):
@@ -786,26 +786,38 @@ def update_on_device(dm, grad_clip, reduce_first):
 # as PyTorch's autocast does), parameter gradients, AdamW m and v, the residual stream
 # and its gradient (the matmuls that end a block add their output to it in float32, and
 # read a bf16 shadow of its gradient), layernorm, softmax and loss statistics. Matmuls
-# through Lt, attention through Attention, the GELU output recomputed in the backward
-# from the stored pre-activation by default (llm.c's -r 1: one shared buffer instead of
-# one per layer, 2*B*T*4C*(L-1) bytes less; recompute_gelu=False keeps them).
+# through Lt, attention through Attention. What the backward recomputes instead of
+# keeping per layer (one buffer, which every layer's forward overwrites) is the recompute
+# level (-r, RECOMPUTED).
 
-BF16_ACTIVATIONS = ("ln1", "qkv", "atty", "ln2", "fch")
+BF16_ACTIVATIONS = ("ln1", "qkv", "atty", "ln2", "fch", "fch_gelu")
 F32_ACTIVATIONS = ("residual2", "residual3", "ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")
+RECOMPUTED = {  # -r level: the activations the bf16 backward computes again, bit for bit
+    0: (),
+    # llm.c's default: the GELU output, from the stored pre-activation fch (2*B*T*4C*(L-1) bytes less)
+    1: ("fch_gelu",),
+    # also the layernorm outputs, from the stored residual and statistics (llm.c's -r 2), and
+    # residual2, the residual after attention, by the attention projection's matmul again,
+    # same plan, same bits (B*T*C*(L-1) * (2 + 2 + 4) bytes less; a few percent slower)
+    2: ("fch_gelu", "ln1", "ln2", "residual2"),
+}
 
 
 CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time (see classifier_bf16)
 
 
-def bf16_activation_shapes(cfg, B, T, recompute_gelu=True, classifier_rows=CLASSIFIER_ROWS):
+def bf16_activation_shapes(cfg, B, T, recompute=1, classifier_rows=CLASSIFIER_ROWS):
     """The bf16 activations and backward scratch (one buffer), then the float32 ones. The
-    logits hold one chunk of the classifier's rows."""
+    recomputed activations hold one layer's; the logits one chunk of the classifier's rows."""
     L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
-    bf16 = [("ln1", (L, BT, C)), ("qkv", (L, BT, 3 * C)), ("atty", (L, BT, C)), ("ln2", (L, BT, C)),
-            ("fch", (L, BT, 4 * C)), ("fch_gelu", (BT, 4 * C) if recompute_gelu else (L, BT, 4 * C)),
+
+    def layers(name, cols):
+        return (name, (BT, cols) if name in RECOMPUTED[recompute] else (L, BT, cols))
+    bf16 = [layers("ln1", C), ("qkv", (L, BT, 3 * C)), ("atty", (L, BT, C)), layers("ln2", C),
+            ("fch", (L, BT, 4 * C)), layers("fch_gelu", 4 * C),
             ("lnf", (BT, C)), ("logits", (min(BT, classifier_rows), Vp)),
             ("dresidual16", (BT, C)), ("dC", (BT, C)), ("d4C", (BT, 4 * C))]  # d3C: the front of d4C
-    f32 = [("encoded", (BT, C)), ("residual2", (L, BT, C)), ("residual3", (L, BT, C)), ("dresidual", (BT, C)),
+    f32 = [("encoded", (BT, C)), layers("residual2", C), ("residual3", (L, BT, C)), ("dresidual", (BT, C)),
            ("ln1_mean", (L, BT)), ("ln1_rstd", (L, BT)), ("ln2_mean", (L, BT)), ("ln2_rstd", (L, BT)),
            ("lnf_mean", (BT,)), ("lnf_rstd", (BT,)), ("losses", (BT,)), ("logsumexp", (BT,)),
            ("att_stats", (L, B * NH * T))]
@@ -821,21 +833,24 @@ def fuses_gelu(BT, C):
     return BT % 64 == 0 and C % 64 == 0
 
 
-def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute_gelu=True,
+def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute=1,
                    classifier_rows=CLASSIFIER_ROWS, deterministic=True):
     """to_device for bf16: the float32 state of _parameters_to_device, a bf16 copy of the
     parameters (same layout), the bf16 and float32 activations, the classifier's wte
     gradient per target (classifier_bf16), one stream that every kernel, matmul,
     attention call and copy of the step goes to (so a step can be captured in a CUDA
-    graph), the cuBLASLt plans and the cuDNN attention graphs. deterministic: cuDNN's
-    attention backward in a fixed order (else its faster atomic dq sums)."""
+    graph), the cuBLASLt plans and the cuDNN attention graphs. recompute: the -r level
+    (RECOMPUTED); deterministic: cuDNN's attention backward in a fixed order (else its
+    faster atomic dq sums)."""
     cfg = model.cfg
     _check_shape(cfg, B, T, "bf16")
+    if recompute not in RECOMPUTED:
+        raise ValueError(f"recompute must be one of {sorted(RECOMPUTED)}, not {recompute!r}")
     if classifier_rows < 1:
         raise ValueError(f"classifier_rows must be positive, not {classifier_rows}")
     dm = CudaGPT2()
     dm.precision = "bf16"
-    dm.recompute_gelu = bool(recompute_gelu)
+    dm.recompute = int(recompute)
     dm.classifier_rows, dm.deterministic = int(classifier_rows), bool(deterministic)
     dm.trains, dm.kv = True, None
     if SIM:
@@ -864,10 +879,11 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
     cfg, B, T = dm.cfg, dm.B, dm.T
     C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
     dm.fused_gelu = fuses_gelu(B * T, C)
-    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute_gelu, dm.classifier_rows)
-    layered16 = BF16_ACTIVATIONS + (() if dm.recompute_gelu else ("fch_gelu",))
-    acts16 = DeviceLayout(bf16, layered16, L, DEVICE_ALIGN // 2)
-    acts32 = DeviceLayout(f32, F32_ACTIVATIONS + ("att_stats",), L, DEVICE_ALIGN // 4)
+    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute, dm.classifier_rows)
+    recomputed = RECOMPUTED[dm.recompute]
+    acts16 = DeviceLayout(bf16, [n for n in BF16_ACTIVATIONS if n not in recomputed], L, DEVICE_ALIGN // 2)
+    acts32 = DeviceLayout(f32, [n for n in F32_ACTIVATIONS + ("att_stats",) if n not in recomputed], L,
+                          DEVICE_ALIGN // 4)
     dm.acts16_memory = _reuse_or_alloc(acts16_memory, acts16.size, np.uint16)
     dm.acts32_memory = _reuse_or_alloc(acts32_memory, acts32.size)
     dm.acts = acts16.views(dm.acts16_memory)
@@ -875,9 +891,9 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
         setattr(dm.acts, name, view)
     a = dm.acts
     a.d3C = a.d4C.reshape(-1)[:B * T * 3 * C].reshape(B * T, 3 * C)  # a layer's attention gradient, after its MLP's
-    dm.A = SimpleNamespace(**{name: getattr(a, name) for name in BF16_ACTIVATIONS + F32_ACTIVATIONS})
+    dm.A = SimpleNamespace(**{name: [getattr(a, name)] * L if name in recomputed else getattr(a, name)
+                              for name in BF16_ACTIVATIONS + F32_ACTIVATIONS})  # a layer's view, per layer
     dm.att_stats = [addr(x) for x in a.att_stats]
-    dm.A.fch_gelu = [a.fch_gelu] * L if dm.recompute_gelu else a.fch_gelu
 
     ad = SimpleNamespace()  # addresses of every matmul operand
     for name in ("qkvw", "qkvb", "attprojw", "fcw", "fcb", "fcprojw"):  # bf16 weights, and the biases of bf16 outputs
@@ -886,7 +902,7 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
         setattr(ad, name, [addr(x) for x in getattr(dm.P, name)])
     for name in ("qkvw", "attprojw", "fcw", "fcprojw"):
         setattr(ad, "g" + name, [addr(x) for x in getattr(dm.G, name)])
-    for name in BF16_ACTIVATIONS + ("fch_gelu", "residual2", "residual3"):
+    for name in BF16_ACTIVATIONS + ("residual2", "residual3"):
         setattr(ad, name, [addr(x) for x in getattr(dm.A, name)])
     for name in ("encoded", "lnf", "logits", "dresidual", "dresidual16", "dC", "d3C", "d4C"):
         setattr(ad, name, addr(getattr(a, name)))
@@ -991,6 +1007,7 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
+    recomputed = RECOMPUTED[dm.recompute]
 
     # the classifier's part ran with the forward, per target (classifier_bf16): scaled here
     classifier_wte_grad(g.wte, dm.wte_grad_pending, dm.stats, dm.dlnf_scale, loss_scale, accumulate)
@@ -1000,9 +1017,14 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
                        dout_scale=dm.dlnf_scale)
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
+        if "residual2" in recomputed:  # the forward's call again: the same plan, the same bits
+            lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
+                      add=ad.residual3[l - 1] if l > 0 else ad.encoded, bias=ad.attprojb[l])
+        if "ln2" in recomputed:
+            layernorm_apply(A.residual2[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
         # with the layernorm backward above it
-        if dm.recompute_gelu:
+        if "fch_gelu" in recomputed:
             gelu_forward(A.fch_gelu[l], A.fch[l])
         lt.matmul(True, False, C, 4 * C, BT, ad.dresidual16, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C,
                   out_fp32=True, accumulate=accumulate)
@@ -1021,6 +1043,8 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
         dm.attention.backward(ad.qkv[l], ad.atty[l], ad.dC, dm.att_stats[l], ad.d3C)
         colsum(cs, G.qkvb[l], a.d3C, accumulate)
         lt.matmul(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
+        if "ln1" in recomputed:
+            layernorm_apply(residual, A.ln1[l], A.ln1_mean[l], A.ln1_rstd[l], P.ln1w[l], P.ln1b[l])
         lt.matmul(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, out_fp32=True,
                   accumulate=accumulate)
         layernorm_backward(lnb, a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
@@ -1088,12 +1112,12 @@ class CUDA(common.Device):
     name = "cuda"
 
     def __init__(self, model, B, T, precision="tf32", attention_blocks=None, dist=None, zero_stage=0,
-                 graphs=True, recompute_gelu=True, deterministic=True, classifier_rows=CLASSIFIER_ROWS):
+                 graphs=True, recompute=1, deterministic=True, classifier_rows=CLASSIFIER_ROWS):
         """dist: one rank of a data-parallel run (distributed.setup), which has already
         made this rank's GPU (LOCAL_RANK) the current one, NCCL even with one rank;
         zero_stage 1 shards m and v. graphs: capture bf16 steps in CUDA graphs (never
-        under the simulator). bf16 only: recompute_gelu, recompute the GELU output in the
-        backward instead of keeping it per layer; deterministic=False, cuDNN's faster
+        under the simulator). bf16 only: recompute, the -r level (RECOMPUTED: what the
+        backward computes again instead of keeping per layer); deterministic=False, cuDNN's faster
         attention backward whose dq sums vary in order (a seed no longer repeats bit for
         bit); classifier_rows, the rows of logits computed at a time."""
         if precision not in PRECISIONS:
@@ -1105,7 +1129,7 @@ class CUDA(common.Device):
         shard_optimizer = bool(self.dist) and zero_stage == 1
         if precision == "bf16":
             self.dm = to_device_bf16(model, B, T, shards=world, rank=rank, shard_optimizer=shard_optimizer,
-                                     recompute_gelu=recompute_gelu, classifier_rows=classifier_rows,
+                                     recompute=recompute, classifier_rows=classifier_rows,
                                      deterministic=deterministic)
         else:
             self.dm = to_device(model, B, T, tf32=precision == "tf32", attention_blocks=attention_blocks,

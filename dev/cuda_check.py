@@ -525,8 +525,8 @@ def cmd_bf16(args):
     rounded), the cuBLASLt contract (each epilogue, transposes, float32 outputs,
     accumulation) against float64 numpy on the same bf16 operands, the fused attention
     against train_gpt2's attention forward/backward, full steps and a training loop
-    through the Device interface, the state round trip and an exact resume, and GELU
-    recompute on and off giving the same bits."""
+    through the Device interface, the state round trip and an exact resume, and every
+    recompute level (-r 0, 1, 2) giving the same bits."""
     global cuda  # a module global: the simulator swaps a kernel's global `cuda` for its own
     import train_gpt2 as cpu
     import train_gpt2_cuda as tc
@@ -679,22 +679,28 @@ def cmd_bf16(args):
     full_step_parity(cpu, tc, wide, 2, 32, steps=1, precision="bf16", seed=13, tol_logits=tol, tol_grads=tol,
                      label="fused gelu ")
 
-    # GELU recompute on and off, bit for bit: on the tiny config the forward's GELU, as the
-    # recompute, starts from the stored bf16 pre-activation
+    # every recompute level, bit for bit, over two steps with an accumulating backward: on
+    # the tiny config the forward's GELU, as the recompute, starts from the stored bf16
+    # pre-activation; -r 2's layernorm outputs come from the stored statistics and its
+    # residual2 from the attention projection's matmul again
     x = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, size=(Bq, Tq)).astype(np.int32)
-    results = []
-    for recompute in (True, False):
-        d = tc.CUDA(common.gpt2_init_random(cfg, 3), Bq, Tq, precision="bf16", recompute_gelu=recompute)
+    results = {}
+    for recompute in (0, 1, 2):
+        d = tc.CUDA(common.gpt2_init_random(cfg, 3), Bq, Tq, precision="bf16", recompute=recompute)
         losses = []
         for _ in range(2):
             losses.append(d.forward(x, y))
-            d.backward()
+            d.backward(loss_scale=0.5)
+            losses.append(d.forward(y, x))
+            d.backward(accumulate=True, loss_scale=0.5)
             d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
-        results.append((losses, d.grads_to_host()))
+        d.params_to_host()
+        results[recompute] = (losses, d.grads_to_host(), d.model.params_memory.copy())
         d.free()
-    report("gelu recompute on/off losses", results[0][0], results[1][0], 0.0, absolute=True)
-    report("gelu recompute on/off grads", results[0][1], results[1][1], 0.0, absolute=True)
+    for recompute in (0, 2):
+        for i, what in enumerate(("losses", "grads", "params")):
+            report(f"recompute {recompute} vs 1 {what}", results[recompute][i], results[1][i], 0.0, absolute=True)
     classifier_chunks(tc, cfg, Bq, Tq, rng)
     finish()
 
@@ -875,12 +881,12 @@ def cmd_bench(args):
     cuda.current_context()
     memory_before = tc.device_memory_used()  # the CUDA context and the libraries loaded so far
     device = tc.CUDA(model, B, T, precision=prec, attention_blocks=args.attention_blocks or None,
-                     graphs=not args.no_graphs, recompute_gelu=bool(args.recompute), dist=dist,
+                     graphs=not args.no_graphs, recompute=args.recompute, dist=dist,
                      deterministic=bool(args.deterministic), classifier_rows=args.classifier_rows or tc.CLASSIFIER_ROWS)
     memory_built = tc.device_memory_used()
     blocks = f"attention blocks {len(device.dm.attn_blocks)}" if prec != "bf16" else \
         f"cuDNN attention ({'deterministic' if device.dm.attention.deterministic else 'atomic dq'} backward), " \
-        f"CUDA graphs {'off' if args.no_graphs else 'on'}, GELU recompute {args.recompute}, classifier rows " \
+        f"CUDA graphs {'off' if args.no_graphs else 'on'}, recompute {args.recompute}, classifier rows " \
         f"{device.dm.acts.logits.shape[0]}"
     if prec == "bf16":
         result.update(deterministic=bool(args.deterministic), classifier_rows=int(device.dm.acts.logits.shape[0]))
@@ -984,7 +990,7 @@ def memory_table(dm, before, built, running):
 def cmd_memory(args):
     """The buffers of a bf16 training run, from the layouts alone (no GPU needed): ours
     against llm.c's train_gpt2.cu (bf16, cuDNN attention, its default -r 1: the GELU
-    recomputed) at the same shape, row by row, in GiB. What neither counts: the CUDA
+    recomputed) at the same shape, ours at --recompute's level, row by row, in GiB. What neither counts: the CUDA
     context, the libraries' handles and workspaces, CUDA graphs (bench --memory measures
     those on a GPU)."""
     import train_gpt2_cuda as tc
@@ -993,7 +999,7 @@ def cmd_memory(args):
     L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
     N = tc.parameter_layout(cfg).size  # ours: every tensor 256-byte aligned
     N_llmc = common.buffer_size(common.parameter_shapes(cfg))
-    bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, True, tc.CLASSIFIER_ROWS)
+    bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, args.recompute, tc.CLASSIFIER_ROWS)
     ours = {name: int(np.prod(shape)) * 2 for name, shape in bf16}
     ours.update({name: int(np.prod(shape)) * 4 for name, shape in f32})
     lnstats = 4 * L * BT * 4  # ln1, ln2 mean and rstd (float32), both
@@ -1009,7 +1015,7 @@ def cmd_memory(args):
         ("qkv (bf16)", ours["qkv"], 2 * 3 * L * BT * C),
         ("atty (bf16)", ours["atty"], 2 * L * BT * C),
         ("fch, the GELU's input (bf16)", ours["fch"], 2 * 4 * L * BT * C),
-        ("fch_gelu, one layer's (bf16)", ours["fch_gelu"], 2 * 4 * BT * C),
+        ("fch_gelu (bf16; recomputed: one layer's)", ours["fch_gelu"], 2 * 4 * BT * C),
         ("logits (ours: one chunk of rows; llm.c: all)", ours["logits"], 2 * BT * max(3 * C, NH * T, Vp)),
         ("backward scratch (ours: d4C, dC, dresidual, dresidual16; llm.c: bt4c, btc)",
          sum(ours[n] for n in ("dresidual", "dresidual16", "dC", "d4C")), 2 * 5 * BT * C),
@@ -1018,7 +1024,8 @@ def cmd_memory(args):
          sum(ours[n] for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses",
                                "logsumexp", "att_stats")), lnstats + 4 * (3 * BT + L * B * NH * T)),
     ]
-    print(f"memory of a bf16 training run, d{args.depth} B={B} T={T}, from the layouts (GiB):")
+    print(f"memory of a bf16 training run, d{args.depth} B={B} T={T}, ours at -r {args.recompute}, llm.c at -r 1, "
+          "from the layouts (GiB):")
     print(f"  {'ours':>7s} {'llm.c':>7s} {'ours - llm.c':>12s}  buffer")
     for what, a, b in rows:
         print(f"  {a / 2**30:7.3f} {b / 2**30:7.3f} {(a - b) / 2**30:+12.3f}  {what}")
@@ -1462,7 +1469,8 @@ def main():
         b.add_argument("--T", type=int, default=1024)
         b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32")
         b.add_argument("--no-graphs", action="store_true", help="bench, bf16: launch every kernel from Python")
-        b.add_argument("--recompute", type=int, default=1, help="bench, bf16: recompute the GELU in the backward")
+        b.add_argument("--recompute", type=int, choices=[0, 1, 2], default=1,
+                       help="bench, bf16: the -r level (what the backward computes again)")
         b.add_argument("--deterministic", type=int, default=1, help="bench, bf16: 0 for cuDNN's atomic dq backward")
         b.add_argument("--classifier-rows", type=int, default=0,
                        help="bench, bf16: rows of logits at a time (0: train_gpt2_cuda.CLASSIFIER_ROWS)")
@@ -1484,6 +1492,7 @@ def main():
     m.add_argument("--depth", type=int, default=12)
     m.add_argument("--B", type=int, default=16)
     m.add_argument("--T", type=int, default=1024)
+    m.add_argument("--recompute", type=int, choices=[0, 1, 2], default=1, help="ours: the -r level")
     k = sub.add_parser("bf16")
     k.add_argument("--tol", type=float, default=5e-2,
                    help="||error|| / ||reference|| vs the fp32 CPU target (after an update, AdamW turns the bf16 "
