@@ -16,6 +16,7 @@
 #   dp1:   one rank through torchrun (NCCL, gradient sums by buckets during the backward)
 #          at -z 0 and -z 1, bf16 and fp32: the losses and norms equal a plain run's bit for
 #          bit, and the one-rank run's checkpoint resumes in a plain run, bit for bit
+#   determinism: 10 seeded bf16 steps, twice at -r 1 and once at -r 2: losses and norms identical
 #   bf16:  dev/cuda_check.py bf16 (cuBLASLt's calls, cuDNN attention, steps against the CPU target, the
 #          classifier in chunks against one chunk), test_gpt2.py --precision bf16, and the bf16 benchmarks
 #          (with the device memory buffer by buffer)
@@ -155,19 +156,22 @@ PY
 fi
 if [ "$what" = all ] || [ "$what" = determinism ]; then
     # the same seed twice: every step's loss and norm must repeat exactly (bf16, CUDA graphs, cuDNN attention);
-    # the first run times the matmul algorithms into a fresh tuning cache, the second reads its choices
+    # the first run times the matmul algorithms into a fresh tuning cache, the second reads its choices; a third
+    # run at -r 2 (layernorm outputs and residual2 recomputed) must repeat them too
     rm -f "$OUT/determinism_tuning.json"
-    for run in 1 2; do
+    for run in 1 2 3; do
+        recompute=1; [ $run = 3 ] && recompute=2
         GPT2PY_TUNING_CACHE="$OUT/determinism_tuning.json" step python3 train_gpt2.py --device cuda --precision bf16 \
-            -i "$TRAIN" -j "" -b 16 -t 1024 -x 10 -v 0 -s 0 -l 6e-4 -u 5 --seed 1337 -o "$OUT/determinism_$run"
+            -i "$TRAIN" -j "" -b 16 -t 1024 -x 10 -v 0 -s 0 -l 6e-4 -u 5 --seed 1337 -r $recompute \
+            -o "$OUT/determinism_$run"
     done
     python3 - "$OUT" <<'PY' || status=1
 import json, sys
 runs = [[(r["loss"], r["norm"]) for r in map(json.loads, open(f"{sys.argv[1]}/determinism_{i}/log.jsonl"))
-         if r.get("type") == "train"] for i in (1, 2)]
-same = runs[0] == runs[1] and len(runs[0]) == 10
-print(f"determinism: 10 bf16 steps, losses and norms of two runs {'identical' if same else 'DIFFER'}: {runs[0][-1]} "
-      f"{runs[1][-1]} {'OK' if same else 'FAIL'}")
+         if r.get("type") == "train"] for i in (1, 2, 3)]
+same = runs[0] == runs[1] == runs[2] and len(runs[0]) == 10
+print(f"determinism: 10 bf16 steps, losses and norms of two runs and a -r 2 run "
+      f"{'identical' if same else 'DIFFER'}: {runs[0][-1]} {runs[1][-1]} {runs[2][-1]} {'OK' if same else 'FAIL'}")
 sys.exit(0 if same else 1)
 PY
     rm -f "$OUT"/determinism_*/*.bin
