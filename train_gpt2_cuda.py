@@ -798,7 +798,8 @@ RECOMPUTED = {  # -r level: the activations the bf16 backward computes again, bi
     1: ("fch_gelu",),
     # also the layernorm outputs, from the stored residual and statistics (llm.c's -r 2), and
     # residual2, the residual after attention, by the attention projection's matmul again,
-    # same plan, same bits (B*T*C*(L-1) * (2 + 2 + 4) bytes less; a few percent slower)
+    # same plan, same bits (B*T*C*(L-1) * (2 + 2 + 4) bytes less: on an H100, 350M at B=16 in
+    # 15.73 GiB instead of 18.61, 4% slower; 124M 5% slower)
     2: ("fch_gelu", "ln1", "ln2", "residual2"),
 }
 

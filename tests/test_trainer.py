@@ -1124,6 +1124,21 @@ def test_gpu_channel_limit_is_4096():
         tc._check_shape(common.GPT2Config(**wide, channels=4100), 1, 8)
 
 
+def test_recompute_levels_keep_one_layer_of_what_they_recompute():
+    """bf16 -r: 1 keeps one layer's GELU output (2 bytes a value of B*T*4C), 2 also one
+    layer's ln1, ln2 (bf16) and residual2 (float32): (L - 1) layers' fewer at each level."""
+    import train_gpt2_cuda as tc
+    cfg = common.config_from_depth("d12")
+    B, T = 4, 64
+    L, C, BT = cfg.num_layers, cfg.channels, B * T
+    size = {}
+    for level in (0, 1, 2):
+        bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, level)
+        size[level] = sum(2 * int(np.prod(s)) for _, s in bf16) + sum(4 * int(np.prod(s)) for _, s in f32)
+    assert size[0] - size[1] == (L - 1) * BT * 4 * C * 2
+    assert size[1] - size[2] == (L - 1) * BT * C * (2 + 2 + 4)
+
+
 def test_matmul_tuning_picks_the_fastest_and_keeps_it():
     """cuBLASLt algorithm choice (cuda_libraries.choose_algorithm): the fastest of the
     timed candidates, skipping those that failed; a saved choice is reused without timing
