@@ -353,6 +353,17 @@ def pick4(x0, x1, x2, x3, r):
 
 
 @cuda.jit(device=True)
+def layernorm_quad(x, ln, w, b, i, k, m, rs):
+    # quad k of row i: ln = (x - m) * rs * w + b, the layernorm output (the forward's
+    # layernorms and the backward's recompute, layernorm_apply: the same bits)
+    x0, x1, x2, x3 = ld4(x, i, k)
+    w0, w1, w2, w3 = ld4(w, 0, k)
+    b0, b1, b2, b3 = ld4(b, 0, k)
+    st4(ln, i, k, (x0 - m) * rs * w0 + b0, (x1 - m) * rs * w1 + b1, (x2 - m) * rs * w2 + b2,
+        (x3 - m) * rs * w3 + b3)
+
+
+@cuda.jit(device=True)
 def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, nq):
     # the end of both layernorm kernels (quads, nq a row): this lane's partial sum s of
     # row ii of x (the row that block row threadIdx.y owns) -> mean, rstd and ln[ii];
@@ -372,11 +383,7 @@ def layernorm_row(x, ln, mean, rstd, w, b, s, sh, i, ii, N, nq):
     v = warp_sum(v, sh, ty) / C
     rs = ONE / math.sqrt(v + EPS)
     for k in range(lane, nq, LANES):
-        x0, x1, x2, x3 = ld4(x, ii, k)
-        w0, w1, w2, w3 = ld4(w, 0, k)
-        b0, b1, b2, b3 = ld4(b, 0, k)
-        st4(ln, ii, k, (x0 - m) * rs * w0 + b0, (x1 - m) * rs * w1 + b1, (x2 - m) * rs * w2 + b2,
-            (x3 - m) * rs * w3 + b3)
+        layernorm_quad(x, ln, w, b, ii, k, m, rs)
     if lane == 0 and i < N:
         mean[ii] = m
         rstd[ii] = rs
@@ -433,21 +440,15 @@ def k_residual_layernorm(res, prev, bias, ln, mean, rstd, w, b, mode):
 
 @cuda.jit(**JIT)
 def k_layernorm_apply(x, ln, mean, rstd, w, b):
-    # ln = (x - mean) * rstd * w + b from the forward's statistics: the bf16 backward's
-    # recompute of a layernorm output (-r 2), the same expression as layernorm_row, so the
-    # same bits. One warp per row, quads.
-    ty = cuda.threadIdx.y
-    i = cuda.blockIdx.x * ROWS + ty
+    # ln = layernorm(x) from the forward's mean and rstd: the bf16 backward's recompute of a
+    # layernorm output (-r 2). One warp per row, quads.
+    i = cuda.blockIdx.x * ROWS + cuda.threadIdx.y
     if i >= x.shape[0]:
         return
     m = mean[i]
     rs = rstd[i]
     for k in range(cuda.threadIdx.x, x.shape[1], LANES):
-        x0, x1, x2, x3 = ld4(x, i, k)
-        w0, w1, w2, w3 = ld4(w, 0, k)
-        b0, b1, b2, b3 = ld4(b, 0, k)
-        st4(ln, i, k, (x0 - m) * rs * w0 + b0, (x1 - m) * rs * w1 + b1, (x2 - m) * rs * w2 + b2,
-            (x3 - m) * rs * w3 + b3)
+        layernorm_quad(x, ln, w, b, i, k, m, rs)
 
 
 @cuda.jit(**JIT)

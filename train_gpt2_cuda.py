@@ -923,15 +923,13 @@ def gpt2_forward_bf16(dm):
     p, a, P, A, ad, lt = dm.params, dm.acts, dm.P, dm.A, dm.addr, dm.lt
 
     embed(dm)
-    residual = ad.encoded
     for l in range(L):
         lt.matmul(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C, bias=ad.qkvb[l])
         if dm.kv is None:
             dm.attention.forward(ad.qkv[l], ad.atty[l], dm.att_stats[l])
         else:  # a decoding view: the newest position against its cache
             attention_decode(A.atty[l], A.qkv[l], dm.kv.k[l], dm.kv.v[l], dm.position, cfg.num_heads)
-        lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
-                  add=residual, bias=ad.attprojb[l])
+        attention_projection(dm, l)
         residual_layernorm(A.residual2[l], None, None, A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         if dm.fused_gelu:
             lt.matmul(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch_gelu[l], 4 * C, bias=ad.fcb[l],
@@ -946,8 +944,16 @@ def gpt2_forward_bf16(dm):
         else:
             nxt = (a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb)
         residual_layernorm(A.residual3[l], None, None, *nxt)
-        residual = ad.residual3[l]
     classifier_bf16(dm)
+
+
+def attention_projection(dm, l):
+    """residual2 of layer l = its residual stream in + the attention output's projection
+    (float32, the bias in the epilogue): the forward's, and -r 2's recompute of it in the
+    backward (the same call, so the same plan and the same bits)."""
+    C, BT, ad = dm.cfg.channels, dm.B * dm.T, dm.addr
+    dm.lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
+                 add=ad.residual3[l - 1] if l > 0 else ad.encoded, bias=ad.attprojb[l])
 
 
 def classifier_bf16(dm):
@@ -1018,9 +1024,8 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
                        dout_scale=dm.dlnf_scale)
     for l in range(L - 1, -1, -1):
         residual = A.residual3[l - 1] if l > 0 else a.encoded
-        if "residual2" in recomputed:  # the forward's call again: the same plan, the same bits
-            lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
-                      add=ad.residual3[l - 1] if l > 0 else ad.encoded, bias=ad.attprojb[l])
+        if "residual2" in recomputed:
+            attention_projection(dm, l)
         if "ln2" in recomputed:
             layernorm_apply(A.residual2[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
@@ -1118,9 +1123,9 @@ class CUDA(common.Device):
         made this rank's GPU (LOCAL_RANK) the current one, NCCL even with one rank;
         zero_stage 1 shards m and v. graphs: capture bf16 steps in CUDA graphs (never
         under the simulator). bf16 only: recompute, the -r level (RECOMPUTED: what the
-        backward computes again instead of keeping per layer); deterministic=False, cuDNN's faster
-        attention backward whose dq sums vary in order (a seed no longer repeats bit for
-        bit); classifier_rows, the rows of logits computed at a time."""
+        backward computes again instead of keeping per layer); deterministic=False,
+        cuDNN's faster attention backward whose dq sums vary in order (a seed no longer
+        repeats bit for bit); classifier_rows, the rows of logits computed at a time."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.model = model

@@ -990,9 +990,9 @@ def memory_table(dm, before, built, running):
 def cmd_memory(args):
     """The buffers of a bf16 training run, from the layouts alone (no GPU needed): ours
     against llm.c's train_gpt2.cu (bf16, cuDNN attention, its default -r 1: the GELU
-    recomputed) at the same shape, ours at --recompute's level, row by row, in GiB. What neither counts: the CUDA
-    context, the libraries' handles and workspaces, CUDA graphs (bench --memory measures
-    those on a GPU)."""
+    recomputed) at the same shape, ours at --recompute's level, row by row, in GiB. What
+    neither counts: the CUDA context, the libraries' handles and workspaces, CUDA graphs
+    (bench --memory measures those on a GPU)."""
     import train_gpt2_cuda as tc
     cfg = common.config_from_depth(f"d{args.depth}")
     B, T = args.B, args.T
