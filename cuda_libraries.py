@@ -39,13 +39,13 @@ def addr(x):
     return x.__cuda_array_interface__["data"][0]
 
 
-_emu_buffers = []  # simulator: (address, numpy array) of every flat float32 / bf16 buffer
+_emu_buffers = []  # simulator: (address, numpy array) of every flat float32 / bf16 / fp8 buffer
 
 
 def alloc(n, dtype=np.float32):
     """A flat device array of n values (the emulations can find it by address)."""
     arr = cuda.device_array(int(n), dtype=dtype)
-    if SIM and dtype in (np.float32, np.uint16):
+    if SIM and dtype in (np.float32, np.uint16, np.uint8):
         _emu_buffers.append((addr(arr), arr._ary))
     return arr
 
@@ -59,8 +59,8 @@ def release(arrays):
 
 
 def _emu_matrix(addr, rows, cols, ld):
-    """Column-major rows x cols matrix at an address of a float32 or bf16 (uint16)
-    buffer, as a numpy view; checks that it lies inside the buffer."""
+    """Column-major rows x cols matrix at an address of a float32, bf16 (uint16) or fp8
+    (uint8) buffer, as a numpy view; checks that it lies inside the buffer."""
     assert ld >= max(1, rows), (rows, cols, ld)
     for base, buf in _emu_buffers:
         if base <= addr < base + buf.nbytes:
@@ -161,6 +161,7 @@ class Blas:
 # bf16: cuBLASLt matmuls with fused epilogues, and cuDNN's fused attention
 
 R_32F, R_16BF, COMPUTE_32F = 0, 14, 68   # cudaDataType / cublasComputeType_t values
+R_8F_E4M3, R_8F_E5M2 = 28, 29             # cudaDataType of the fp8 formats
 LT_WORKSPACE = 32 << 20                   # bytes (cuBLASLt's recommendation for Hopper)
 LT_CANDIDATES = 8                         # algorithms of the heuristic timed per matmul shape
 LT_TIMING_REPS = 5                        # timed calls per candidate (the median counts)
@@ -278,7 +279,7 @@ class Lt:
 
     def _plan(self, key):
         lt = self.lt
-        ta, tb, m, n, k, lda, ldb, ldc, out_type, epilogue, align = key
+        ta, tb, m, n, k, lda, ldb, ldc, out_type, epilogue, align, type_a, type_b, fast_accum = key
         desc = lt.matmul_desc_create(COMPUTE_32F, R_32F)
         attrs = lt.MatmulDescAttribute
 
@@ -290,8 +291,11 @@ class Lt:
         set_attr(attrs.EPILOGUE, int(epilogue), np.uint32)
         if epilogue in (lt.Epilogue.GELU_AUX_BIAS, lt.Epilogue.DGELU):
             set_attr(attrs.EPILOGUE_AUX_LD, m, np.int64)
-        la = lt.matrix_layout_create(R_16BF, k if ta else m, m if ta else k, lda)
-        lb = lt.matrix_layout_create(R_16BF, n if tb else k, k if tb else n, ldb)
+        if type_a != R_16BF:  # fp8: its bias is bf16 (whatever the output's type), its accumulation mode,
+            set_attr(attrs.BIAS_DATA_TYPE, R_16BF, np.int32)
+            set_attr(attrs.FAST_ACCUM, int(fast_accum), np.int8)
+        la = lt.matrix_layout_create(type_a, k if ta else m, m if ta else k, lda)
+        lb = lt.matrix_layout_create(type_b, n if tb else k, k if tb else n, ldb)
         lc = lt.matrix_layout_create(out_type, m, n, ldc)
         pref = lt.matmul_preference_create()
         prefs = lt.MatmulPreferenceAttribute
@@ -307,7 +311,7 @@ class Lt:
         lt.matmul_preference_destroy(pref)
         if count[0] == 0:
             raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
-        ptrs = np.zeros(2, dtype=np.intp)  # bias and aux pointers, set per call
+        ptrs = np.zeros(4, dtype=np.intp)  # bias, aux and the fp8 scale pointers, set per call
         return SimpleNamespace(desc=desc, la=la, lb=lb, lc=lc, results=results[:count[0]], result=None, ptrs=ptrs)
 
     def _choose(self, plan, key, call, C, nbytes, reads_C):
@@ -316,7 +320,7 @@ class Lt:
         when the call reads it)."""
         import cupy
         stream = cupy.cuda.ExternalStream(self.stream)
-        saved = []
+        saved, errors = [], []
 
         def time_candidate(j):
             if reads_C and not saved:
@@ -331,12 +335,17 @@ class Lt:
                     call(result)
                     e.record(stream)
                 events[-1].synchronize()
-            except self.lt.cuBLASLtError:
+            except self.lt.cuBLASLtError as e:
                 stream.synchronize()
+                errors.append(str(e))
                 return None
             return float(np.median([cupy.cuda.get_elapsed_time(a, b) for a, b in zip(events, events[1:])]))
-        name = self.tuning_prefix + ",".join(str(int(x)) for x in key)
-        index, timed = choose_algorithm(self.chosen, name, len(plan.results), time_candidate)
+        fields = key if key[11] != R_16BF else key[:11]  # (a bf16 matmul's name predates fp8)
+        name = self.tuning_prefix + ",".join(str(int(x)) for x in fields)
+        try:
+            index, timed = choose_algorithm(self.chosen, name, len(plan.results), time_candidate)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} ({errors[-1] if errors else ''})") from None
         if timed:
             save_tuning(self.tuning_path, name, index)
         if saved:
@@ -345,24 +354,33 @@ class Lt:
         plan.result = plan.results[index:index + 1]
 
     def matmul(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, out_fp32=False, accumulate=False, add=0, bias=0,
-               gelu_aux=0, dgelu_aux=0):
+               gelu_aux=0, dgelu_aux=0, a8=None, b8=None, fast_accum=False):
         """Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] (+ C with accumulate), A, B bf16
         at addresses A, B with row strides lda, ldb (stored M x K, K x N; transposed with
         tA, tB), C bf16 (float32 with out_fp32); add: the address of a matrix like C
         added to the product (C itself with accumulate). Epilogues: bias (length N, of
         C's type) added; with gelu_aux, C = gelu(pre) and pre (bf16, like C) stored at
         gelu_aux; with dgelu_aux, C = (op(A) @ op(B)) * gelu'(pre at dgelu_aux). In
-        cuBLAS's column-major terms: C^T = op(B)^T @ op(A)^T."""
+        cuBLAS's column-major terms: C^T = op(B)^T @ op(A)^T.
+        fp8: a8 and b8 = (R_8F_E4M3 or R_8F_E5M2, the device address, 16-byte aligned, of
+        the float32 the operand's sums are multiplied by), A and B fp8 in the only form Hopper multiplies
+        (K contiguous in both: tA False, tB True), the bias bf16; fast_accum: the tensor
+        cores' faster, less precise accumulation (Transformer Engine's choice for the
+        forward)."""
         if gelu_aux and (tA, tB) != (False, True):  # the fc layer's form; others measured wrong (fuses_gelu)
             raise ValueError("the bias + GELU epilogue takes only untransposed A and transposed B")
+        if (a8 is None) != (b8 is None) or (a8 is not None and (tA, tB) != (False, True)):
+            raise ValueError("an fp8 matmul takes two fp8 operands, A untransposed and B transposed")
         if SIM:
             return self._emulate(tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add or (C if accumulate else 0), bias,
-                                 gelu_aux, dgelu_aux, out_fp32)
+                                 gelu_aux, dgelu_aux, out_fp32, a8, b8)
         lt = self.lt
         E = lt.Epilogue
         epilogue = (E.GELU_AUX_BIAS if gelu_aux else E.BIAS if bias else E.DGELU if dgelu_aux else E.DEFAULT)
         out_type = R_32F if out_fp32 else R_16BF
-        key = (tB, tA, N, M, K, ldb, lda, ldc, out_type, epilogue, _alignment(A, B, C, add, bias, gelu_aux, dgelu_aux))
+        type_a, type_b = (R_16BF, R_16BF) if a8 is None else (b8[0], a8[0])  # cuBLAS's A is our B
+        key = (tB, tA, N, M, K, ldb, lda, ldc, out_type, epilogue, _alignment(A, B, C, add, bias, gelu_aux, dgelu_aux),
+               type_a, type_b, bool(fast_accum) and a8 is not None)
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = self._plan(key)
@@ -373,6 +391,10 @@ class Lt:
         if gelu_aux or dgelu_aux:
             plan.ptrs[1] = gelu_aux or dgelu_aux
             lt.matmul_desc_set_attribute(plan.desc, attrs.EPILOGUE_AUX_POINTER, plan.ptrs.ctypes.data + 8, 8)
+        if a8 is not None:
+            plan.ptrs[2], plan.ptrs[3] = b8[1], a8[1]
+            lt.matmul_desc_set_attribute(plan.desc, attrs.A_SCALE_POINTER, plan.ptrs.ctypes.data + 16, 8)
+            lt.matmul_desc_set_attribute(plan.desc, attrs.B_SCALE_POINTER, plan.ptrs.ctypes.data + 24, 8)
         beta = self.one if accumulate or add else self.zero
 
         def call(result):
@@ -382,12 +404,19 @@ class Lt:
             self._choose(plan, key, call, C, M * ldc * (4 if out_fp32 else 2), accumulate or add == C)
         call(plan.result)
 
-    def _emulate(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add, bias, gelu_aux, dgelu_aux, out_fp32):
+    def _emulate(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add, bias, gelu_aux, dgelu_aux, out_fp32, a8, b8):
         opA = _emu_matrix(A, M, K, lda) if tA else _emu_matrix(A, K, M, lda).T
         opB = _emu_matrix(B, K, N, ldb) if tB else _emu_matrix(B, N, K, ldb).T
         c = _emu_matrix(C, N, M, ldc).T
-        assert opA.dtype == np.uint16 and opB.dtype == np.uint16 and c.dtype == (np.float32 if out_fp32 else np.uint16)
-        r = np.matmul(_emu_widen(opA), _emu_widen(opB), dtype=np.float32)
+        assert c.dtype == (np.float32 if out_fp32 else np.uint16)
+        if a8 is None:
+            assert opA.dtype == np.uint16 and opB.dtype == np.uint16
+            r = np.matmul(_emu_widen(opA), _emu_widen(opB), dtype=np.float32)
+        else:  # the exact products of the decoded codes, then the two scales
+            assert opA.dtype == np.uint8 and opB.dtype == np.uint8
+            wa, wb = _emu_fp8(opA, a8), _emu_fp8(opB, b8)
+            r = np.matmul(wa, wb, dtype=np.float32) * _emu_matrix(a8[1], 1, 1, 1)[0, 0] * \
+                _emu_matrix(b8[1], 1, 1, 1)[0, 0]
         if add:
             r = r + _emu_widen(_emu_matrix(add, N, M, ldc).T)
         if bias:
@@ -400,6 +429,11 @@ class Lt:
             assert ldc == N
             r = r * _gelu_grad_np(_emu_widen(_emu_matrix(dgelu_aux, N, M, ldc).T))
         _emu_store(c, r)
+
+
+def _emu_fp8(codes, operand):
+    import cuda_fp8  # (it imports this module)
+    return cuda_fp8.decode(codes, cuda_fp8.E4M3 if operand[0] == R_8F_E4M3 else cuda_fp8.E5M2)
 
 
 class Attention:

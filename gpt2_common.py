@@ -852,6 +852,14 @@ class Device:
         """The reverse: continue from the host model's parameters, m, v and step (resume)."""
         raise NotImplementedError
 
+    def run_state(self):
+        """What else a resumed run needs to continue as this one would (JSON-able; the
+        checkpoint's state file keeps it): the fp8 scales. {} by default."""
+        return {}
+
+    def set_run_state(self, state):
+        """The reverse of run_state, after state_from_host."""
+
     def logits_to_host(self):
         """(B*T, Vp) logits of the last forward (the CPU and CUDA fp32 / tf32: the dlogits once a
         backward has run)."""

@@ -20,6 +20,11 @@ the CPU, where PyTorch has no TF32): with TF32 matmuls, or under its bf16 autoca
 the logits, the loss, every gradient tensor and every step loss, our relative error
 ||ours - ref|| / ||ref|| against the fp32 reference must be at most TORCH_FACTOR times
 PyTorch's, plus TORCH_FLOOR (a scalar's error can be near zero by luck).
+
+fp8 (--precision fp8: bf16 with the layers' matmuls in E4M3 and E5M2) has no PyTorch twin
+here; its errors stand beside PyTorch's bf16 autocast's, and each must be at most
+FP8_FACTOR times autocast's (plus TORCH_FLOOR): 32, the unit roundoff of E5M2 (2^-3) over
+bf16's (2^-8), the error that fp8's roundings alone would add.
 """
 
 import argparse
@@ -36,6 +41,7 @@ import train_gpt2 as gpt
 REL_TOL = {"logits": 2e-5, "loss": 1e-6, "grad": 2e-5, "step_loss": 1e-4}
 ABS_CAP = {"logits": 1e-3, "loss": 1e-3, "grad": 2e-3, "step_loss": 1e-3}
 TORCH_FACTOR, TORCH_FLOOR = 1.1, 1e-4  # tf32, bf16: ours <= 1.1 x PyTorch's relative error + 1e-4
+FP8_FACTOR = 32  # fp8: ours <= 32 x PyTorch bf16 autocast's relative error + 1e-4
 
 
 def read_debug_state(path, cfg):
@@ -109,15 +115,16 @@ class TorchReport:
     """tf32's and bf16's verdicts: each tensor's relative error beside PyTorch's, computing
     the same batch in the same precision."""
 
-    def __init__(self, torch_errors, precision):
+    def __init__(self, torch_errors, precision, factor=TORCH_FACTOR):
         self.torch_errors = torch_errors
         self.failures = []
-        print(f"{'tensor':<16}{'ours':>12}{'PyTorch':>12}  verdict (ours <= {TORCH_FACTOR:g} x PyTorch {precision} + "
+        self.factor = factor
+        print(f"{'tensor':<16}{'ours':>12}{'PyTorch':>12}  verdict (ours <= {factor:g} x PyTorch {precision} + "
               f"{TORCH_FLOOR:g})")
 
     def compare(self, name, kind, ours, ref):
         err, theirs = relative_error(ours, ref), self.torch_errors[name]
-        ok = err <= TORCH_FACTOR * theirs + TORCH_FLOOR
+        ok = err <= self.factor * theirs + TORCH_FLOOR
         print(f"{name:<16}{err:>12.3e}{theirs:>12.3e}  {'ok' if ok else 'FAIL'}")
         if not ok:
             self.failures.append(name)
@@ -204,10 +211,10 @@ def main(argv=None):
     parser.add_argument("--state", default="data/gpt2_124M_debug_state.bin",
                         help="llm.c debug state; its recipe sidecar is <state>.json (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: %(default)s)")
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp8"], default="fp32",
                         help=f"cuda only: tf32 (TF32 matmuls) or bf16 (mixed precision), each within {TORCH_FACTOR:g}x "
-                             f"the error of PyTorch computing the same way + {TORCH_FLOOR:g} (needs PyTorch) "
-                             "(default: strict fp32)")
+                             f"the error of PyTorch computing the same way + {TORCH_FLOOR:g} (needs PyTorch); fp8 "
+                             f"within {FP8_FACTOR:g}x PyTorch bf16's (default: strict fp32)")
     args = parser.parse_args(argv)
     if args.precision != "fp32" and args.device != "cuda":
         parser.error(f"--precision {args.precision} needs --device cuda")
@@ -232,8 +239,9 @@ def main(argv=None):
         if args.precision == "fp32":
             report = Report()
         else:
-            report = TorchReport(torch_errors(args.precision, args.checkpoint, x, y, ref_logits, ref_loss, ref_grads,
-                                              recipe, cfg), args.precision)
+            like = "bf16" if args.precision == "fp8" else args.precision  # PyTorch's nearest
+            report = TorchReport(torch_errors(like, args.checkpoint, x, y, ref_logits, ref_loss, ref_grads, recipe, cfg),
+                                 like, FP8_FACTOR if args.precision == "fp8" else TORCH_FACTOR)
         run_check(device, cfg, x, y, recipe, report, ref_logits, ref_loss, ref_grads)
     except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1152,7 +1152,7 @@ def check_device(name):
 
 def build_device(name, model, B, T, precision="fp32", dist=SINGLE, zero_stage=0, recompute=1, deterministic=1):
     """The training target by name ('cpu' or 'cuda'), built from the host model;
-    precision: fp32 (both), tf32 or bf16 (cuda); dist and zero_stage make it one rank of
+    precision: fp32 (both), tf32, bf16 or fp8 (cuda); dist and zero_stage make it one rank of
     a data-parallel run; recompute (cuda bf16): what the backward computes again instead
     of keeping per layer (0 nothing, 1 the GELU output, 2 also the layernorm outputs and
     the residual after attention); deterministic (cuda bf16): 0 takes cuDNN's
@@ -1258,10 +1258,12 @@ def parse_args(argv):
                         "run's model_/state_NNNNNNNN.bin, log.jsonl and temp files (nothing else)")
     g.add_argument("--seed", type=int, default=1337, help="init, data shuffling and sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
-    g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+    g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp8"], default="auto",
                    help="cpu: fp32 only. cuda: bf16 mixed precision (bf16 weights, activations and matmuls, float32 "
-                        "master weights, gradients and AdamW state), tf32 (TF32 matmuls, float32 storage; what "
-                        "--tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on cuda, fp32 on cpu")
+                        "master weights, gradients and AdamW state), fp8 (bf16 with the layers' matmuls in fp8: "
+                        "E4M3 forward, E5M2 gradients, delayed per-tensor scales; Ada or Hopper GPUs), tf32 (TF32 "
+                        "matmuls, float32 storage; what --tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on "
+                        "cuda, fp32 on cpu")
     g.add_argument("-r", "--recompute", type=int, choices=[0, 1, 2], default=1,
                    help="cuda bf16: what the backward computes again instead of keeping per layer: 0 nothing "
                         "(fastest), 1 the GELU output (llm.c's default), 2 also the layernorm outputs and the "
@@ -1441,9 +1443,9 @@ def save_checkpoint(args, dist, device, model, step, train_loader, rng_state, ac
     device.state_to_host()
     if dist.rank == 0:
         extra = {"loader": train_loader.state(), "rng_state": rng_state, "B": args.batch_size, "T": args.seq_len,
-                 "accum_steps": accum_steps, "seed": args.seed, "world": dist.world}
+                 "accum_steps": accum_steps, "seed": args.seed, "world": dist.world, "device": device.run_state()}
         path = save_training_checkpoint(model, args.output_dir, step, extra, args.keep_checkpoints,
-                                        bfloat16=args.precision == "bf16")
+                                        bfloat16=args.precision in ("bf16", "fp8"))
         state_path = checkpoint_paths(args.output_dir, step)[1]
         print(f"checkpoint: {path} (weights, llm.c format) + {os.path.basename(state_path)} (optimizer, data "
               "position: for --resume)")
@@ -1517,6 +1519,7 @@ def main(args, dist=SINGLE):
     if state:
         check_resume(state, args, accum_steps, dist.world)
         device.state_from_host()
+        device.set_run_state(state.get("device", {}))
         start_step, rng_state = state["step"], state["rng_state"]
         train_loader.set_state(state["loader"])
     peak = args.peak_tflops * 1e12 or device.peak_flops() or float("nan")

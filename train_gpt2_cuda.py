@@ -66,6 +66,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
+import cuda_fp8
 import distributed
 import gpt2_common as common
 from cuda_kernels import (  # noqa: F401  (the launchers; tests and dev scripts reach them through this module too)
@@ -75,7 +76,8 @@ from cuda_kernels import (  # noqa: F401  (the launchers; tests and dev scripts 
     fill,
     gelu_forward, global_norm, layernorm_backward, layernorm_backward_scratch, loss_reduce,
     layernorm_apply, residual_layernorm, set_launch_stream, softmax_backward, softmax_forward, store)
-from cuda_libraries import SIM, Attention, Blas, Lt, PtrArray, addr, alloc, release  # noqa: F401
+from cuda_libraries import (SIM, R_8F_E4M3, R_8F_E5M2, Attention, Blas, Lt, PtrArray, addr, alloc,  # noqa: F401
+                            release)
 
 
 # -----------------------------------------------------------------------------
@@ -233,9 +235,17 @@ def _check_shape(cfg, B, T, precision="fp32"):
     if cfg.channels > 4 * MAX_THREADS:  # the layernorm backward's block: a thread per 4 channels
         raise common.UserError(f"the GPU takes at most {4 * MAX_THREADS} channels, not {cfg.channels}")
     head_size = cfg.channels // cfg.num_heads
-    if precision == "bf16" and (head_size % 8 or head_size > 128):  # cuDNN's fused attention, on any GPU
-        raise common.UserError(f"--precision bf16 needs a head size (channels / heads) that is a multiple of 8 and at "
-                               f"most 128 (cuDNN's fused attention), not {head_size}: use --precision tf32 or fp32")
+    if precision in MIXED and (head_size % 8 or head_size > 128):  # cuDNN's fused attention, on any GPU
+        raise common.UserError(f"--precision {precision} needs a head size (channels / heads) that is a multiple of 8 "
+                               f"and at most 128 (cuDNN's fused attention), not {head_size}: use --precision tf32 or fp32")
+    if precision == "fp8":
+        if not cuda_fp8.supported():
+            cc = ".".join(map(str, cuda.get_current_device().compute_capability))
+            raise common.UserError(f"--precision fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or "
+                                   f"later: Ada, Hopper); this one is {cc}: use --precision bf16")
+        if (B * T) % 16 or cfg.channels % 16:  # cuBLASLt's fp8 matmuls
+            raise common.UserError(f"--precision fp8 needs B*T and channels that are multiples of 16, not {B * T} "
+                                   f"and {cfg.channels}")
 
 
 def _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer):
@@ -311,15 +321,16 @@ def forward_view(dm, B, T, kv=None):
     second copy of the weights): its own token staging and activation views, over dm's
     activation memory where they fit (else memory of its own). kv: a KVCache, for a
     (1, 1) view that decodes one token at a time (its attention reads the cache)."""
-    _check_shape(dm.cfg, B, T, dm.precision)
+    _check_shape(dm.cfg, B, T, "bf16" if dm.precision == "fp8" else dm.precision)
     view = CudaGPT2()
     for name in SHARED_WITH_VIEWS:
         if hasattr(dm, name):
             setattr(view, name, getattr(dm, name))
     view.trains, view.kv = False, kv
+    view.fp8 = None  # under fp8, evaluation and generation run in bf16 from the same weights
     _token_staging(view, B, T)
     _communication(view, None)
-    if dm.precision == "bf16":
+    if dm.precision in MIXED:
         _activations_bf16(view, dm.acts16_memory, dm.acts32_memory)
     else:
         _activations_fp32(view, dm.acts_memory, dm.dacts_memory)
@@ -388,7 +399,7 @@ def to_device(model, B, T, tf32=True, attention_blocks=None, shards=1, rank=0, s
         import cupy
         dm.compute_stream = cupy.cuda.Stream.null
     dm.trains = True
-    dm.params16_memory = None
+    dm.params16_memory, dm.fp8 = None, None
     dm.attention_blocks = attention_blocks
     dm.kv = None
     _parameters_to_device(dm, model, B, T, shards, rank, shard_optimizer)
@@ -759,9 +770,10 @@ def stage_update(dm, lr, beta1, beta2, eps, weight_decay, weight_decay_mode):
 def update_on_device(dm, grad_clip, reduce_first):
     """The device side of an update: with reduce_first, the gradient sum over the ranks
     (a backward that did not end a step left it: the whole buffer as one bucket); the
-    norm and clip scale; AdamW; the all-gather (ZeRO-1); and under bf16 the bf16 weights
-    of the next step. The norm before clipping lands in dm.normbuf[0] (overwritten by the
-    next update); nothing here waits for the device."""
+    norm and clip scale; AdamW; the all-gather (ZeRO-1); under bf16 the bf16 weights
+    of the next step; under fp8 the new scales and the fp8 weights. The norm before
+    clipping lands in dm.normbuf[0] (overwritten by the next update); nothing here waits
+    for the device."""
     dist, stream = dm.dist, dm.stream_ptr  # the compute stream (0: the legacy default stream)
     if reduce_first:
         _sum_over_ranks(dm, 0, dm.grads_memory.size, stream)
@@ -774,10 +786,13 @@ def update_on_device(dm, grad_clip, reduce_first):
         dist.allgather_device(dm.params_memory, stream)
         if dm.params16_memory is not None:
             store(dm.params16_memory, dm.params_memory)
-        return
-    global_norm(dm.normbuf, dm.norm_part, dm.grads_memory, grad_clip)
-    adamw(dm.params_memory, dm.grads_memory, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end,
-          dm.group_decay, dm.params16_memory)
+    else:
+        global_norm(dm.normbuf, dm.norm_part, dm.grads_memory, grad_clip)
+        adamw(dm.params_memory, dm.grads_memory, dm.m_memory, dm.v_memory, dm.normbuf, dm.hyper, dm.group_end,
+              dm.group_decay, dm.params16_memory)
+    if dm.fp8 is not None:  # the step's amaxes into the scales, then the next step's fp8 weights
+        cuda_fp8.update_scales(dm.fp8.meta)
+        dm.fp8.cast_weights(dm.params16)
 
 
 # -----------------------------------------------------------------------------
@@ -807,13 +822,21 @@ RECOMPUTED = {  # -r level: the activations the bf16 backward computes again, bi
 CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time (see classifier_bf16)
 
 
-def bf16_activation_shapes(cfg, B, T, recompute=1, classifier_rows=CLASSIFIER_ROWS):
+def one_layer_activations(recompute, fp8=False):
+    """The activations a buffer of one layer holds: the recomputed ones, and under fp8 the
+    GELU output too, which its casts compute from fch instead (only a bf16 view of an fp8
+    model, forward-only, writes it)."""
+    return RECOMPUTED[recompute] + (("fch_gelu",) if fp8 and "fch_gelu" not in RECOMPUTED[recompute] else ())
+
+
+def bf16_activation_shapes(cfg, B, T, recompute=1, classifier_rows=CLASSIFIER_ROWS, fp8=False):
     """The bf16 activations and backward scratch (one buffer), then the float32 ones. The
-    recomputed activations hold one layer's; the logits one chunk of the classifier's rows."""
+    one_layer_activations hold one layer's; the logits one chunk of the classifier's rows."""
     L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
+    one_layer = one_layer_activations(recompute, fp8)
 
     def layers(name, cols):
-        return (name, (BT, cols) if name in RECOMPUTED[recompute] else (L, BT, cols))
+        return (name, (BT, cols) if name in one_layer else (L, BT, cols))
     bf16 = [layers("ln1", C), ("qkv", (L, BT, 3 * C)), ("atty", (L, BT, C)), layers("ln2", C),
             ("fch", (L, BT, 4 * C)), layers("fch_gelu", 4 * C),
             ("lnf", (BT, C)), ("logits", (min(BT, classifier_rows), Vp)),
@@ -835,22 +858,23 @@ def fuses_gelu(BT, C):
 
 
 def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompute=1,
-                   classifier_rows=CLASSIFIER_ROWS, deterministic=True):
+                   classifier_rows=CLASSIFIER_ROWS, deterministic=True, fp8=False):
     """to_device for bf16: the float32 state of _parameters_to_device, a bf16 copy of the
     parameters (same layout), the bf16 and float32 activations, the classifier's wte
     gradient per target (classifier_bf16), one stream that every kernel, matmul,
     attention call and copy of the step goes to (so a step can be captured in a CUDA
     graph), the cuBLASLt plans and the cuDNN attention graphs. recompute: the -r level
     (RECOMPUTED); deterministic: cuDNN's attention backward in a fixed order (else its
-    faster atomic dq sums)."""
+    faster atomic dq sums); fp8: the layers' matmuls in fp8 (cuda_fp8.Fp8State: the
+    scales, the fp8 weights, the casts' scratch)."""
     cfg = model.cfg
-    _check_shape(cfg, B, T, "bf16")
+    _check_shape(cfg, B, T, "fp8" if fp8 else "bf16")
     if recompute not in RECOMPUTED:
         raise ValueError(f"recompute must be one of {sorted(RECOMPUTED)}, not {recompute!r}")
     if classifier_rows < 1:
         raise ValueError(f"classifier_rows must be positive, not {classifier_rows}")
     dm = CudaGPT2()
-    dm.precision = "bf16"
+    dm.precision = "fp8" if fp8 else "bf16"
     dm.recompute = int(recompute)
     dm.classifier_rows, dm.deterministic = int(classifier_rows), bool(deterministic)
     dm.trains, dm.kv = True, None
@@ -866,6 +890,9 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     dm.params16_memory = alloc(dm.params_memory.size, np.uint16)
     store(dm.params16_memory, dm.params_memory)
     dm.params16 = dm.layout.views(dm.params16_memory)
+    dm.fp8 = cuda_fp8.Fp8State(cfg, B, T, dm.params16) if fp8 else None
+    if fp8:
+        dm.fp8.calibrate(dm.params16)
     dm.wte_grad_pending = alloc(dm.params.wte.size)
     dm.dlnf_scale = cuda.to_device(np.ones(1, np.float32))
     dm.lt = Lt(dm.stream_ptr)
@@ -879,9 +906,10 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
     shape, and the addresses of every matmul operand."""
     cfg, B, T = dm.cfg, dm.B, dm.T
     C, L, NH = cfg.channels, cfg.num_layers, cfg.num_heads
-    dm.fused_gelu = fuses_gelu(B * T, C)
-    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute, dm.classifier_rows)
-    recomputed = RECOMPUTED[dm.recompute]
+    dm.fused_gelu = fuses_gelu(B * T, C) and dm.fp8 is None  # (fp8: fc writes fch; the casts apply the GELU)
+    fp8 = dm.precision == "fp8"  # (also a bf16 view of an fp8 model: the same layout)
+    bf16, f32 = bf16_activation_shapes(cfg, B, T, dm.recompute, dm.classifier_rows, fp8)
+    recomputed = one_layer_activations(dm.recompute, fp8)
     acts16 = DeviceLayout(bf16, [n for n in BF16_ACTIVATIONS if n not in recomputed], L, DEVICE_ALIGN // 2)
     acts32 = DeviceLayout(f32, [n for n in F32_ACTIVATIONS + ("att_stats",) if n not in recomputed], L,
                           DEVICE_ALIGN // 4)
@@ -901,6 +929,7 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
         setattr(ad, name, [addr(x) for x in getattr(dm.params16, name)])
     for name in ("attprojb", "fcprojb"):  # float32 biases of the float32 (residual) outputs
         setattr(ad, name, [addr(x) for x in getattr(dm.P, name)])
+        setattr(ad, name + "16", [addr(x) for x in getattr(dm.params16, name)])  # (fp8 matmuls take bf16 biases)
     for name in ("qkvw", "attprojw", "fcw", "fcprojw"):
         setattr(ad, "g" + name, [addr(x) for x in getattr(dm.G, name)])
     for name in BF16_ACTIVATIONS + ("residual2", "residual3"):
@@ -918,13 +947,12 @@ def _activations_bf16(dm, acts16_memory, acts32_memory):
 
 def gpt2_forward_bf16(dm):
     """The bf16 forward over the staged tokens (and targets, with dm.has_loss)."""
-    cfg, B, T = dm.cfg, dm.B, dm.T
-    L, C, BT = cfg.num_layers, cfg.channels, B * T
-    p, a, P, A, ad, lt = dm.params, dm.acts, dm.P, dm.A, dm.addr, dm.lt
+    cfg, L = dm.cfg, dm.cfg.num_layers
+    p, a, P, A, ad = dm.params, dm.acts, dm.P, dm.A, dm.addr
 
     embed(dm)
     for l in range(L):
-        lt.matmul(False, True, BT, 3 * C, C, ad.ln1[l], C, ad.qkvw[l], C, ad.qkv[l], 3 * C, bias=ad.qkvb[l])
+        linear_forward(dm, l, "qkvw", A.ln1[l], ad.qkv[l], bias=ad.qkvb[l])
         if dm.kv is None:
             dm.attention.forward(ad.qkv[l], ad.atty[l], dm.att_stats[l])
         else:  # a decoding view: the newest position against its cache
@@ -932,13 +960,13 @@ def gpt2_forward_bf16(dm):
         attention_projection(dm, l)
         residual_layernorm(A.residual2[l], None, None, A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         if dm.fused_gelu:
-            lt.matmul(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch_gelu[l], 4 * C, bias=ad.fcb[l],
-                      gelu_aux=ad.fch[l])
+            linear_forward(dm, l, "fcw", A.ln2[l], ad.fch_gelu[l], bias=ad.fcb[l], gelu_aux=ad.fch[l])
         else:
-            lt.matmul(False, True, BT, 4 * C, C, ad.ln2[l], C, ad.fcw[l], C, ad.fch[l], 4 * C, bias=ad.fcb[l])
-            gelu_forward(A.fch_gelu[l], A.fch[l])
-        lt.matmul(False, True, BT, C, 4 * C, ad.fch_gelu[l], 4 * C, ad.fcprojw[l], 4 * C, ad.residual3[l], C,
-                  out_fp32=True, add=ad.residual2[l], bias=ad.fcprojb[l])
+            linear_forward(dm, l, "fcw", A.ln2[l], ad.fch[l], bias=ad.fcb[l])
+            if dm.fp8 is None:  # (fp8: the GELU is applied by the cast into the next matmul)
+                gelu_forward(A.fch_gelu[l], A.fch[l])
+        linear_forward(dm, l, "fcprojw", A.fch_gelu[l], ad.residual3[l], add=ad.residual2[l], bias=ad.fcprojb[l],
+                       gelu_of=A.fch[l])
         if l + 1 < L:
             nxt = (A.ln1[l + 1], A.ln1_mean[l + 1], A.ln1_rstd[l + 1], P.ln1w[l + 1], P.ln1b[l + 1])
         else:
@@ -951,9 +979,63 @@ def attention_projection(dm, l):
     """residual2 of layer l = its residual stream in + the attention output's projection
     (float32, the bias in the epilogue): the forward's, and -r 2's recompute of it in the
     backward (the same call, so the same plan and the same bits)."""
-    C, BT, ad = dm.cfg.channels, dm.B * dm.T, dm.addr
-    dm.lt.matmul(False, True, BT, C, C, ad.atty[l], C, ad.attprojw[l], C, ad.residual2[l], C, out_fp32=True,
-                 add=ad.residual3[l - 1] if l > 0 else ad.encoded, bias=ad.attprojb[l])
+    ad = dm.addr
+    linear_forward(dm, l, "attprojw", dm.A.atty[l], ad.residual2[l], add=ad.residual3[l - 1] if l > 0 else ad.encoded,
+                   bias=ad.attprojb[l])
+
+
+def linear_forward(dm, l, w, x, out, bias=0, add=0, gelu_aux=0, gelu_of=None):
+    """out = x @ W^T for layer l's weight w (N x K; x, B*T x K, bf16) through cuBLASLt,
+    with its epilogues (Lt.matmul): bf16 out, or float32 when it adds to the residual
+    stream (add). fp8: x cast to E4M3 on the way (its slot's scale; cuda_fp8), times the
+    weight's E4M3 copy, with the tensor cores' fast accumulation; the bias in bf16; with
+    gelu_of, x is gelu(gelu_of), which the cast computes (x itself is never written)."""
+    ad, BT = dm.addr, dm.B * dm.T
+    N, K = getattr(dm.params16, w)[l].shape
+    out_fp32 = bool(add)
+    if dm.fp8 is None:
+        dm.lt.matmul(False, True, BT, N, K, addr(x), K, getattr(ad, w)[l], K, out, N, out_fp32=out_fp32, add=add,
+                     bias=bias, gelu_aux=gelu_aux)
+        return
+    f8, cfg = dm.fp8, dm.cfg
+    x8 = f8.buffer(f8.x8, BT, K)
+    s_in, s_w = cuda_fp8.slot(cfg, l, w, cuda_fp8.INPUT), cuda_fp8.slot(cfg, l, w, cuda_fp8.WEIGHT)
+    if gelu_of is None:
+        cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8)
+    else:
+        cuda_fp8.cast(gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out=x8, with_gelu=True)
+    if out_fp32 and bias:
+        bias = getattr(ad, {"attprojw": "attprojb16", "fcprojw": "fcprojb16"}[w])[l]
+    dm.lt.matmul(False, True, BT, N, K, addr(x8), K, addr(f8.w8[w, l]), K, out, N, out_fp32=out_fp32, add=add,
+                 bias=bias, gelu_aux=gelu_aux, a8=(R_8F_E4M3, f8.scale_inv(s_in)),
+                 b8=(R_8F_E4M3, f8.scale_inv(s_w)), fast_accum=True)
+
+
+def linear_backward(dm, l, w, dout, x, dinp, accumulate, dgelu_aux=0, gelu_of=None):
+    """The backward of linear_forward for layer l's weight w (N x K): dinp (B*T x K, bf16)
+    = dout @ W (times gelu'(the pre-activation at dgelu_aux)), and W's gradient (float32)
+    = dout^T @ x (+= with accumulate); dout (B*T x N) and x bf16. fp8: dout cast to E5M2
+    and its transpose, x's transpose to E4M3 (the slot of its forward cast; gelu_of as
+    there), W's transposed E4M3 copy; precise accumulation (Transformer Engine's choice
+    for the backward)."""
+    ad, BT = dm.addr, dm.B * dm.T
+    N, K = getattr(dm.params16, w)[l].shape
+    grad = getattr(ad, "g" + w)[l]
+    if dm.fp8 is None:
+        dm.lt.matmul(True, False, N, K, BT, addr(dout), N, addr(x), K, grad, K, out_fp32=True, accumulate=accumulate)
+        dm.lt.matmul(False, False, BT, K, N, addr(dout), N, getattr(ad, w)[l], K, dinp, K, dgelu_aux=dgelu_aux)
+        return
+    f8, cfg = dm.fp8, dm.cfg
+    dy8, dy_t, x_t = f8.buffer(f8.x8, BT, N), f8.buffer(f8.dy_t, N, BT), f8.buffer(f8.x_t, K, BT)
+    s_in, s_w, s_dy = (cuda_fp8.slot(cfg, l, w, kind) for kind in (cuda_fp8.INPUT, cuda_fp8.WEIGHT, cuda_fp8.GRAD))
+    cuda_fp8.cast(dout, f8.meta, s_dy, cuda_fp8.E5M2, out=dy8, out_t=dy_t)
+    cuda_fp8.cast(x if gelu_of is None else gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out_t=x_t,
+                  with_gelu=gelu_of is not None)
+    dy_scale = (R_8F_E5M2, f8.scale_inv(s_dy))
+    dm.lt.matmul(False, True, N, K, BT, addr(dy_t), BT, addr(x_t), BT, grad, K, out_fp32=True, accumulate=accumulate,
+                 a8=dy_scale, b8=(R_8F_E4M3, f8.scale_inv(s_in)))
+    dm.lt.matmul(False, True, BT, K, N, addr(dy8), N, addr(f8.w8_t[w, l]), N, dinp, K, dgelu_aux=dgelu_aux,
+                 a8=dy_scale, b8=(R_8F_E4M3, f8.scale_inv(s_w)))
 
 
 def classifier_bf16(dm):
@@ -1010,9 +1092,9 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     """The bf16 backward of the last forward (gradients into the float32 buffer;
     accumulate adds to them), from the classifier's gradients that forward left."""
     cfg, B, T = dm.cfg, dm.B, dm.T
-    L, C, BT = cfg.num_layers, cfg.channels, B * T
+    L, BT = cfg.num_layers, B * T
     p, g, a = dm.params, dm.grads, dm.acts
-    P, G, A, ad, lt = dm.P, dm.G, dm.A, dm.addr, dm.lt
+    P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
     recomputed = RECOMPUTED[dm.recompute]
 
@@ -1030,29 +1112,21 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
             layernorm_apply(A.residual2[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
         # with the layernorm backward above it
-        if "fch_gelu" in recomputed:
+        if "fch_gelu" in recomputed and dm.fp8 is None:
             gelu_forward(A.fch_gelu[l], A.fch[l])
-        lt.matmul(True, False, C, 4 * C, BT, ad.dresidual16, C, ad.fch_gelu[l], 4 * C, ad.gfcprojw[l], 4 * C,
-                  out_fp32=True, accumulate=accumulate)
-        lt.matmul(False, False, BT, 4 * C, C, ad.dresidual16, C, ad.fcprojw[l], 4 * C, ad.d4C, 4 * C,
-                  dgelu_aux=ad.fch[l])
+        linear_backward(dm, l, "fcprojw", a.dresidual16, A.fch_gelu[l], ad.d4C, accumulate, dgelu_aux=ad.fch[l],
+                        gelu_of=A.fch[l])
         colsum(cs, G.fcb[l], a.d4C, accumulate)
-        lt.matmul(False, False, BT, C, 4 * C, ad.d4C, 4 * C, ad.fcw[l], C, ad.dC, C)
-        lt.matmul(True, False, 4 * C, C, BT, ad.d4C, 4 * C, ad.ln2[l], C, ad.gfcw[l], C, out_fp32=True,
-                  accumulate=accumulate)
+        linear_backward(dm, l, "fcw", a.d4C, A.ln2[l], ad.dC, accumulate)
         layernorm_backward(lnb, a.dresidual, a.dC, A.residual2[l], P.ln2w[l], A.ln2_mean[l], A.ln2_rstd[l], False,
                            G.ln2w[l], G.ln2b[l], accumulate, dbias=G.attprojb[l], shadow=a.dresidual16)
         # attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        lt.matmul(False, False, BT, C, C, ad.dresidual16, C, ad.attprojw[l], C, ad.dC, C)
-        lt.matmul(True, False, C, C, BT, ad.dresidual16, C, ad.atty[l], C, ad.gattprojw[l], C, out_fp32=True,
-                  accumulate=accumulate)
+        linear_backward(dm, l, "attprojw", a.dresidual16, A.atty[l], ad.dC, accumulate)
         dm.attention.backward(ad.qkv[l], ad.atty[l], ad.dC, dm.att_stats[l], ad.d3C)
         colsum(cs, G.qkvb[l], a.d3C, accumulate)
-        lt.matmul(False, False, BT, C, 3 * C, ad.d3C, 3 * C, ad.qkvw[l], C, ad.dC, C)
         if "ln1" in recomputed:
             layernorm_apply(residual, A.ln1[l], A.ln1_mean[l], A.ln1_rstd[l], P.ln1w[l], P.ln1b[l])
-        lt.matmul(True, False, 3 * C, C, BT, ad.d3C, 3 * C, ad.ln1[l], C, ad.gqkvw[l], C, out_fp32=True,
-                  accumulate=accumulate)
+        linear_backward(dm, l, "qkvw", a.d3C, A.ln1[l], ad.dC, accumulate)
         layernorm_backward(lnb, a.dresidual, a.dC, residual, P.ln1w[l], A.ln1_mean[l], A.ln1_rstd[l], False,
                            G.ln1w[l], G.ln1b[l], accumulate, dbias=G.fcprojb[l - 1] if l > 0 else None,
                            shadow=a.dresidual16)
@@ -1098,7 +1172,8 @@ def _free(dm):
 # to the GPU only through it
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")
+MIXED = ("bf16", "fp8")  # the precisions of the bf16 step (fp8: its layers' matmuls in fp8)
 
 
 class CUDA(common.Device):
@@ -1133,15 +1208,15 @@ class CUDA(common.Device):
         self.dist = dist if dist is not None and dist.engine != "none" else None
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
         shard_optimizer = bool(self.dist) and zero_stage == 1
-        if precision == "bf16":
+        if precision in MIXED:
             self.dm = to_device_bf16(model, B, T, shards=world, rank=rank, shard_optimizer=shard_optimizer,
                                      recompute=recompute, classifier_rows=classifier_rows,
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, fp8=precision == "fp8")
         else:
             self.dm = to_device(model, B, T, tf32=precision == "tf32", attention_blocks=attention_blocks,
                                 shards=world, rank=rank, shard_optimizer=shard_optimizer)
         _communication(self.dm, self.dist)
-        self.graphs = {} if graphs and precision == "bf16" and not SIM else None
+        self.graphs = {} if graphs and precision in MIXED and not SIM else None
         self.ran_once = set()
         self.kv_view, self.views = None, {}  # the decoding view, the forward views by shape
 
@@ -1173,7 +1248,7 @@ class CUDA(common.Device):
         _stage_tokens(dm, inputs, targets)
         dm.has_loss = targets is not None
         dm.backward_ready = dm.has_loss and dm.trains
-        forward = gpt2_forward_bf16 if self.precision == "bf16" else gpt2_forward_cuda
+        forward = gpt2_forward_bf16 if self.precision in MIXED else gpt2_forward_cuda
         self._device_step(("forward", targets is not None), lambda: forward(dm))
         if dm.backward_ready:
             _stage_buckets(dm)  # built on the host while the device runs the forward
@@ -1187,7 +1262,7 @@ class CUDA(common.Device):
             raise RuntimeError("backward needs a forward pass with targets first")
         _stage_buckets(dm)
         dm.backward_ready = False  # the dlogits (fp32, tf32) or the classifier's gradients (bf16) are used up
-        backward = gpt2_backward_bf16 if self.precision == "bf16" else gpt2_backward_cuda
+        backward = gpt2_backward_bf16 if self.precision in MIXED else gpt2_backward_cuda
         accumulate, loss_scale = bool(accumulate), float(loss_scale)
         dm.reducing = self.dist is not None and bool(last_micro_step)
         dm.grads_reduced = False
@@ -1226,7 +1301,7 @@ class CUDA(common.Device):
         memory), reset on every call."""
         if self.kv_view is None:
             dm = self.dm
-            kv = KVCache(dm.cfg, np.uint16 if self.precision == "bf16" else np.float32)
+            kv = KVCache(dm.cfg, np.uint16 if self.precision in MIXED else np.float32)
             self.kv_view = forward_view(dm, 1, 1, kv)
         return Decoder(self.kv_view, self.precision)
 
@@ -1272,14 +1347,27 @@ class CUDA(common.Device):
                     dm.layout.to_device(host, moments)
         if dm.params16_memory is not None:
             store(dm.params16_memory, dm.params_memory)
+        if dm.fp8 is not None:
+            dm.fp8.calibrate(dm.params16)
         synchronize()
         dm.step = int(model.step)
+
+    def run_state(self):
+        """fp8: the scales and amax histories (a resumed run casts as this one would)."""
+        if self.dm.fp8 is None:
+            return {}
+        synchronize()
+        return {"fp8_meta": self.dm.fp8.meta.copy_to_host().tolist()}
+
+    def set_run_state(self, state):
+        if self.dm.fp8 is not None and "fp8_meta" in state:
+            self.dm.fp8.restore(np.array(state["fp8_meta"], np.float32), self.dm.params16)
 
     def logits_to_host(self):
         """fp32, tf32: the logits buffer as it is (dlogits after a backward); bf16: the
         last forward's logits, computed again (classifier_bf16 keeps a chunk of them)."""
         dm = self.dm
-        if self.precision == "bf16":
+        if self.precision in MIXED:
             return logits_bf16(dm, np.empty((dm.B * dm.T, dm.cfg.padded_vocab_size), np.float32))
         return dm.acts.logits.copy_to_host()
 
@@ -1325,7 +1413,7 @@ class Decoder:
         dm.position = self.length
         set_launch_stream(dm.launch_stream)
         try:
-            (gpt2_forward_bf16 if self.precision == "bf16" else gpt2_forward_cuda)(dm)
+            (gpt2_forward_bf16 if self.precision in MIXED else gpt2_forward_cuda)(dm)
         finally:
             set_launch_stream(None)
         self.length += 1

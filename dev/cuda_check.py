@@ -751,6 +751,180 @@ def classifier_chunks(tc, cfg, B, T, rng):
     d.free()
 
 
+def cmd_fp8(args):
+    """The fp8 path: the cast kernel against cuda_fp8.encode (every code, random values
+    over the formats' ranges, the transpose, the amax) and the scale update; each fp8
+    matmul form of the step (the forward with a bias, the float32 forward that adds to
+    the residual stream, the weight gradient accumulating in float32, the input gradient
+    through the GELU backward) against numpy on the decoded operands; then fp8 training
+    steps against bf16's on a tiny model (losses, gradients), a seeded fp8 run that
+    repeats bit for bit, and an exact resume through run_state."""
+    import cuda_fp8 as f8
+    import train_gpt2_cuda as tc
+    from cuda_libraries import R_8F_E4M3, R_8F_E5M2, addr
+
+    print(f"simulator={tc.SIM}", flush=True)
+    if not f8.supported():
+        print("RESULT FAIL: this GPU has no fp8 tensor cores", flush=True)
+        sys.exit(1)
+    rng = np.random.default_rng(88)
+    rows, cols = (24, 40) if tc.SIM else (1000, 776)  # not whole tiles
+    meta_host = np.zeros((2, f8.HISTORY + f8.FP8_HISTORY), np.float32)
+    meta_host[:, f8.SCALE] = [0.25, 64.0]
+    meta_host[:, f8.SCALE_INV] = 1 / meta_host[:, f8.SCALE]
+    meta_host[:, f8.FP8_MAX] = [f8.largest(f8.E4M3), f8.largest(f8.E5M2)]
+    meta = tc.alloc(meta_host.size).reshape(meta_host.shape)
+    meta.copy_to_device(meta_host)
+    x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-14, 10, (rows, cols)))).astype(np.float32)
+    x.reshape(-1)[:8] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -448.0, 57344.0]
+    x16 = common.float32_to_bfloat16(x)
+    xw = common.bfloat16_to_float32(x16)
+    xd = tc.alloc(x.size, np.uint16).reshape(rows, cols)
+    xd.copy_to_device(x16)
+    out = tc.alloc(x.size, np.uint8).reshape(rows, cols)
+    out_t = tc.alloc(x.size, np.uint8).reshape(cols, rows)
+    for fmt in (f8.E4M3, f8.E5M2):
+        f8.cast(xd, meta, fmt, fmt, out=out, out_t=out_t)
+        ref = f8.encode(xw * meta_host[fmt, f8.SCALE], fmt)
+        got, got_t = out.copy_to_host(), out_t.copy_to_host()
+        report(f"fp8 cast {f8.FORMAT_NAMES[fmt]} codes", (got != ref).sum(), 0, 0, absolute=True)
+        report(f"fp8 cast {f8.FORMAT_NAMES[fmt]} transposed", (got_t != ref.T).sum(), 0, 0, absolute=True)
+    from cuda_libraries import _gelu_np
+    moderate = np.clip(xw, -20, 20)  # the GELU's input range in practice
+    xd.copy_to_device(common.float32_to_bfloat16(moderate))
+    f8.cast(xd, meta, 0, f8.E4M3, out_t=out_t, with_gelu=True)
+    ref = f8.encode(_gelu_np(common.bfloat16_to_float32(common.float32_to_bfloat16(moderate))) * meta_host[0, 0],
+                    f8.E4M3)  # (a float32 tanh may differ by an ulp: a rare code across a rounding boundary)
+    report("fp8 cast of the GELU, transposed", np.mean(out_t.copy_to_host() != ref.T), 0.0, 1e-3, absolute=True)
+    xd.copy_to_device(x16)
+    every = np.arange(256, dtype=np.uint8)
+    for fmt in (f8.E4M3, f8.E5M2):  # each finite value casts to its own code (scale 1)
+        vals = f8.decode(every, fmt)
+        keep = every[np.isfinite(vals)]
+        v16 = common.float32_to_bfloat16(f8.decode(keep, fmt))  # every E4M3 / E5M2 value is a bf16 value
+        n = keep.size - keep.size % 4
+        vd = tc.alloc(n, np.uint16).reshape(1, n)
+        vd.copy_to_device(v16[:n])
+        o = tc.alloc(n, np.uint8).reshape(1, n)
+        m1 = meta_host.copy()
+        m1[:, f8.SCALE] = m1[:, f8.SCALE_INV] = 1.0
+        meta.copy_to_device(m1)
+        f8.cast(vd, meta, fmt, fmt, out=o)
+        report(f"fp8 cast {f8.FORMAT_NAMES[fmt]} every value", (o.copy_to_host()[0] != keep[:n]).sum(), 0, 0,
+               absolute=True)
+    meta.copy_to_device(meta_host)
+    f8.cast(xd, meta, 0, f8.E4M3, out=out)
+    f8.update_scales(meta)
+    m = meta.copy_to_host()
+    finite = np.abs(xw[np.isfinite(xw)])
+    report("fp8 amax of values with an infinity is inf", float(m[0, f8.HISTORY] == np.inf), 1.0, 0, absolute=True)
+    report("fp8 an infinite amax keeps the scale", m[0, f8.SCALE], meta_host[0, f8.SCALE], 0, absolute=True)
+    meta.copy_to_device(meta_host)
+    xd.copy_to_device(common.float32_to_bfloat16(np.where(np.isfinite(xw), xw, 0)))
+    f8.cast(xd, meta, 0, f8.E4M3, out=out)
+    f8.update_scales(meta)
+    m = meta.copy_to_host()
+    want = 2.0 ** np.floor(np.log2(448.0 / finite.max()))
+    report("fp8 scale from the history", m[0, f8.SCALE], want, 0, absolute=True)
+    report("fp8 1 / scale", m[0, f8.SCALE_INV] * m[0, f8.SCALE], 1.0, 0, absolute=True)
+
+    # the step's fp8 matmul forms against numpy on the decoded operands (sums of exact
+    # products in float32: the tensor cores' accumulation differs by a few float32 ulps,
+    # fast accumulation by more)
+    lt = tc.Lt(0)
+    M, N, K = (32, 48, 64) if tc.SIM else (512, 768, 1024)
+    scales = tc.alloc(8)  # (16-byte aligned, as cuBLASLt's scale pointers must be)
+    scales.copy_to_device(np.array([0.5, 0, 0, 0, 0.125, 0, 0, 0], np.float32))
+
+    def operand(shape, fmt):
+        codes = f8.encode(rng.standard_normal(shape).astype(np.float32) * 8, fmt)
+        d = tc.alloc(codes.size, np.uint8).reshape(shape)
+        d.copy_to_device(codes)
+        return d, f8.decode(codes, fmt).astype(np.float64)
+
+    def dev(a, dtype):
+        d = tc.alloc(a.size, dtype).reshape(a.shape)
+        d.copy_to_device(common.float32_to_bfloat16(a) if dtype == np.uint16 else a.astype(np.float32))
+        return d
+
+    a_d, a = operand((M, K), f8.E5M2)
+    b_d, b = operand((N, K), f8.E4M3)
+    sa, sb = (R_8F_E5M2, addr(scales)), (R_8F_E4M3, addr(scales) + 16)
+    ref = (a @ b.T) * 0.5 * 0.125
+    bias = rng.standard_normal(N).astype(np.float32)
+    bias16 = common.float32_to_bfloat16(bias)
+    bias_w = common.bfloat16_to_float32(bias16).astype(np.float64)
+    c16 = tc.alloc(M * N, np.uint16).reshape(M, N)
+    for fast in (False, True):
+        lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c16), N, bias=addr(dev(bias, np.uint16)),
+                  a8=sa, b8=sb, fast_accum=fast)
+        report(f"fp8 matmul + bias, bf16 out{' (fast)' if fast else ''}",
+               common.bfloat16_to_float32(c16.copy_to_host()), ref + bias_w, 1e-2, norm=True)
+    add = rng.standard_normal((M, N)).astype(np.float32)
+    add_d, c32 = dev(add, np.float32), tc.alloc(M * N).reshape(M, N)
+    lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c32), N, out_fp32=True, add=addr(add_d),
+              bias=addr(dev(bias, np.uint16)), a8=sa, b8=sb, fast_accum=True)
+    report("fp8 matmul + residual + bias, f32", c32.copy_to_host(), ref + add + bias_w, 1e-4, norm=True)
+    c32.copy_to_device(add)
+    lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c32), N, out_fp32=True, accumulate=True,
+              a8=sa, b8=sb)
+    report("fp8 matmul accumulating, f32", c32.copy_to_host(), ref + add, 1e-5, norm=True)
+    pre = rng.standard_normal((M, N)).astype(np.float32)
+    pre16 = common.float32_to_bfloat16(pre)
+    from cuda_libraries import _gelu_grad_np
+    lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c16), N, dgelu_aux=addr(dev(pre, np.uint16)),
+              a8=sa, b8=sb)
+    report("fp8 matmul * gelu'(aux), bf16", common.bfloat16_to_float32(c16.copy_to_host()),
+           ref * _gelu_grad_np(common.bfloat16_to_float32(pre16)), 1e-2, norm=True)
+
+    # training: fp8 against bf16 on a tiny model (the same data and init)
+    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2,
+                            channels=32)
+    B, T = 2, 8
+    x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    runs = {}
+    for name, prec in (("bf16", "bf16"), ("fp8", "fp8"), ("fp8 again", "fp8")):
+        d = tc.CUDA(common.gpt2_init_random(cfg, 3), B, T, precision=prec)
+        losses = []
+        for step in range(args.steps):
+            losses.append(d.forward(x, y))
+            d.backward()
+            if step + 1 < args.steps:
+                d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+        runs[name] = (losses, d.grads_to_host())
+        if name == "fp8":
+            d.state_to_host()
+            saved = (d.model.params_memory.copy(), d.model.m_memory.copy(), d.model.v_memory.copy(), d.model.step,
+                     d.run_state())
+            d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+            after = [d.forward(x, y)]
+            d.backward()
+            after.append(d.grads_to_host())
+        d.free()
+    report("fp8 vs bf16 losses", runs["fp8"][0], runs["bf16"][0], 2e-2, norm=True)
+    report("fp8 vs bf16 gradients", runs["fp8"][1], runs["bf16"][1], args.tol, norm=True)
+    report("fp8 seeded run repeats: losses", runs["fp8 again"][0], runs["fp8"][0], 0.0, absolute=True)
+    report("fp8 seeded run repeats: gradients", runs["fp8 again"][1], runs["fp8"][1], 0.0, absolute=True)
+    model = common.gpt2_init_random(cfg, 3)
+    d = tc.CUDA(model, B, T, precision="fp8")
+    common.ensure_optimizer_buffers(model)
+    model.params_memory[:], model.m_memory[:], model.v_memory[:], model.step = saved[:4]
+    d.state_from_host()
+    d.set_run_state(saved[4])
+    # the backward that saved state left its gradients; the resumed target needs them too
+    d.forward(x, y)
+    d.backward()
+    d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
+    resumed = [d.forward(x, y)]
+    d.backward()
+    resumed.append(d.grads_to_host())
+    report("fp8 resume: next loss", resumed[0], after[0], 0.0, absolute=True)
+    report("fp8 resume: next gradients", resumed[1], after[1], 0.0, absolute=True)
+    d.free()
+    finish()
+
+
 # -----------------------------------------------------------------------------
 # parity on a real-size model
 
@@ -844,7 +1018,7 @@ def cmd_bench(args):
     prec = args.precision
     model = common.gpt2_init_random(cfg, 0)
     nxt, data_name = load_batches(args.tokens, B, T, cfg.vocab_size)
-    result = {"system": "ours (numba.cuda + " + ("cuBLASLt + cuDNN)" if prec == "bf16" else "cuBLAS)"), "precision": prec,
+    result = {"system": "ours (numba.cuda + " + ("cuBLASLt + cuDNN)" if prec in tc.MIXED else "cuBLAS)"), "precision": prec,
               "recompute": args.recompute, "B": B, "T": T, "data": data_name}
     opt = (args.lr, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
 
@@ -884,11 +1058,11 @@ def cmd_bench(args):
                      graphs=not args.no_graphs, recompute=args.recompute, dist=dist,
                      deterministic=bool(args.deterministic), classifier_rows=args.classifier_rows or tc.CLASSIFIER_ROWS)
     memory_built = tc.device_memory_used()
-    blocks = f"attention blocks {len(device.dm.attn_blocks)}" if prec != "bf16" else \
+    blocks = f"attention blocks {len(device.dm.attn_blocks)}" if prec not in tc.MIXED else \
         f"cuDNN attention ({'deterministic' if device.dm.attention.deterministic else 'atomic dq'} backward), " \
         f"CUDA graphs {'off' if args.no_graphs else 'on'}, recompute {args.recompute}, classifier rows " \
         f"{device.dm.acts.logits.shape[0]}"
-    if prec == "bf16":
+    if prec in tc.MIXED:
         result.update(deterministic=bool(args.deterministic), classifier_rows=int(device.dm.acts.logits.shape[0]))
     print(f"== ours {prec} B={B} T={T}: built in {time.time() - t0:.1f} s, {blocks}"
           f"{', one NCCL rank, ' + result['nccl'] if dist else ''}", flush=True)
@@ -967,8 +1141,11 @@ def memory_table(dm, before, built, running):
         x = getattr(dm, name, None)
         if x is not None:
             rows[name] = x.nbytes
+    if getattr(dm, "fp8", None) is not None:
+        rows["fp8 weights (and transposes)"] = dm.fp8.weights_memory.nbytes
+        rows["fp8 cast scratch"] = dm.fp8.scratch_memory.nbytes
     scratch = [dm.colsum_scratch.part, dm.layernorm_scratch.part, dm.staging]
-    if dm.precision == "bf16":  # cuBLASLt's and cuDNN's workspaces
+    if dm.precision in ("bf16", "fp8"):  # cuBLASLt's and cuDNN's workspaces
         scratch += [dm.lt.workspace, dm.attention.workspace]
     rows["scratch and library workspaces"] = sum(x.nbytes for x in scratch)
     ours = sum(rows.values())
@@ -1467,7 +1644,7 @@ def main():
         b.add_argument("--depth", type=int, default=12)
         b.add_argument("--B", type=int, default=16)
         b.add_argument("--T", type=int, default=1024)
-        b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32")
+        b.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp8"], default="tf32")
         b.add_argument("--no-graphs", action="store_true", help="bench, bf16: launch every kernel from Python")
         b.add_argument("--recompute", type=int, choices=[0, 1, 2], default=1,
                        help="bench, bf16: the -r level (what the backward computes again)")
@@ -1498,6 +1675,9 @@ def main():
                    help="||error|| / ||reference|| vs the fp32 CPU target (after an update, AdamW turns the bf16 "
                         "noise of near-zero gradients into whole steps: about 2e-2 seen at step 1)")
     k.add_argument("--steps", type=int, default=3)
+    k = sub.add_parser("fp8")
+    k.add_argument("--tol", type=float, default=0.1, help="fp8 gradients against bf16's, ||error|| / ||bf16||")
+    k.add_argument("--steps", type=int, default=3)
     o = sub.add_parser("shapes")
     o.add_argument("--count", type=int, default=2, help="random odd shapes (and as many that bf16 takes)")
     o.add_argument("--seed", type=int, default=7)
@@ -1520,7 +1700,7 @@ def main():
     t.add_argument("dir")
     args = ap.parse_args()
     {"kernels": cmd_kernels, "parity": cmd_parity, "bench": cmd_bench, "bench-torch": cmd_bench_torch, "bf16": cmd_bf16,
-     "memory": cmd_memory,
+     "fp8": cmd_fp8, "memory": cmd_memory,
      "shapes": cmd_shapes, "nccl": cmd_nccl, "generate": cmd_generate, "hellaswag": cmd_hellaswag, "table": cmd_table, "dp-table": cmd_dp_table}[args.cmd](args)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks and benchmarks train_gpt2_cuda.py on an NVIDIA GPU (the device machine).
 # From the repository root:
-#   bash dev/gpu_check.sh [all|check|parity|bf16|train|bench|curve|determinism|hellaswag|overlap|anchors|dp1|dp]
+#   bash dev/gpu_check.sh [all|check|parity|bf16|fp8|train|bench|curve|determinism|hellaswag|overlap|anchors|dp1|dp]
 #   check: every kernel vs its CPU twin (tiny shapes), training steps and state round trips
 #          through the CUDA target vs the CPU target (train_gpt2_cuda.CUDA, train_gpt2.CPU),
 #          then strict-fp32 and TF32 parity of the two targets on a tiny config and on
@@ -20,6 +20,9 @@
 #   bf16:  dev/cuda_check.py bf16 (cuBLASLt's calls, cuDNN attention, steps against the CPU target, the
 #          classifier in chunks against one chunk), test_gpt2.py --precision bf16, and the bf16 benchmarks
 #          (with the device memory buffer by buffer)
+#   fp8:   dev/cuda_check.py fp8 (the casts against cuda_fp8.encode, each fp8 matmul form, steps against
+#          bf16's, a seeded repeat, an exact resume), test_gpt2.py --precision fp8 (its errors beside
+#          PyTorch bf16 autocast's), and the fp8 benchmark beside bf16's
 #   parity: PyTorch references (tiny, and GPT-2 124M on the first val batch), then
 #          python test_gpt2.py --device cuda on each, strict fp32; and bf16 on 124M against
 #          PyTorch's bf16 autocast on the same batch
@@ -114,6 +117,15 @@ if [ "$what" = all ] || [ "$what" = parity ] || [ "$what" = bf16 ]; then
     [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
     step python3 test_gpt2.py --device cuda --precision bf16
 fi
+if [ "$what" = all ] || [ "$what" = fp8 ]; then
+    step python3 dev/cuda_check.py fp8
+    [ -f data/gpt2_124M_debug_state.bin ] || step python3 dev/torch_reference.py --depth 12 --tokens "$VAL"
+    step python3 test_gpt2.py --device cuda --precision fp8
+    for prec in fp8 bf16; do
+        step python3 dev/cuda_check.py bench --precision $prec --steps 30 --warmup 5 --tokens "$TRAIN" --memory \
+            --json "$OUT/bench_ours_${prec}_vs.json"
+    done
+fi
 if [ "$what" = all ] || [ "$what" = train ]; then
     step python3 train_gpt2.py --device cuda -i "$TRAIN" -j "$VAL" --tokenizer .device_data/gpt2_tokenizer.bin \
         -b 16 -t 1024 -x 30 -v 10 -m 4 -s 15 -g 48 -l 6e-4 -u 10 --lr-schedule cosine -q 0.1
@@ -136,22 +148,25 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     step python3 dev/cuda_check.py bench-torch --steps 10 --tokens "$TRAIN" --json "$OUT/bench_torch.json"
 fi
 if [ "$what" = all ] || [ "$what" = curve ]; then
-    # bf16 against strict fp32: GPT-2 124M from scratch on tinyshakespeare, 200 steps, the same seed and data;
-    # the val loss (all val batches) after step 200 must be within 1%
-    for prec in fp32 bf16; do
+    # bf16 and fp8 against strict fp32 (and fp8 against bf16): GPT-2 124M from scratch on tinyshakespeare, 200
+    # steps, the same seed and data; the val loss (all val batches) after step 200 must be within 1%
+    for prec in fp32 bf16 fp8; do
         step python3 train_gpt2.py --device cuda --precision $prec -i "$TRAIN" -j "$VAL" -b 8 -t 1024 -x 200 -v 200 \
             -m 0 -s 0 -l 6e-4 -u 20 --lr-schedule cosine -q 0.1 --seed 1337 -o "$OUT/curve_$prec"
     done
     python3 - "$OUT" <<'PY' || status=1
 import json, sys
 val = {}
-for prec in ("fp32", "bf16"):
+for prec in ("fp32", "bf16", "fp8"):
     recs = [json.loads(l) for l in open(f"{sys.argv[1]}/curve_{prec}/log.jsonl")]
     val[prec] = [r for r in recs if r.get("type") == "val"][-1]
-d = abs(val["bf16"]["loss"] / val["fp32"]["loss"] - 1)
-print(f"loss curve: val loss after step {val['fp32']['step']}: fp32 {val['fp32']['loss']:.4f}, bf16 "
-      f"{val['bf16']['loss']:.4f} ({100 * d:.2f}% apart) {'OK' if d <= 0.01 else 'FAIL'}")
-sys.exit(0 if d <= 0.01 else 1)
+bad = 0
+for a, b in (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16")):
+    d = abs(val[a]["loss"] / val[b]["loss"] - 1)
+    bad += d > 0.01
+    print(f"loss curve: val loss after step {val['fp32']['step']}: {b} {val[b]['loss']:.4f}, {a} "
+          f"{val[a]['loss']:.4f} ({100 * d:.2f}% apart) {'OK' if d <= 0.01 else 'FAIL'}")
+sys.exit(1 if bad else 0)
 PY
 fi
 if [ "$what" = all ] || [ "$what" = determinism ]; then

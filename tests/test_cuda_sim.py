@@ -70,7 +70,8 @@ def sim_runs():
     they take minutes): the tests below wait for their own."""
     runs = {"kernels": start_sim("kernels", "--steps", "2", "--attention-blocks", "1,3"),
             "bf16": start_sim("bf16", "--steps", "2"),
-            "shapes": start_sim("shapes", "--count", "1", "--steps", "2")}
+            "shapes": start_sim("shapes", "--count", "1", "--steps", "2"),
+            "fp8": start_sim("fp8", "--steps", "2")}
     yield runs
     for proc in runs.values():
         if proc.poll() is None:
@@ -103,6 +104,20 @@ def test_bf16_matches_fp32_cpu_within_bf16_rounding(sim_runs):
                  "resumed params", "recompute 2 vs 1 grads", "recompute 0 vs 1 params",
                  "bias+GELU epilogue only on multiples of 64",
                  "fused gelu s0 grad fcw", "fused gelu s0 logits"):
+        assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
+
+
+def test_fp8_casts_matmuls_and_steps(sim_runs):
+    """--precision fp8 (cuda_check.py fp8): the cast kernel's codes against cuda_fp8.encode
+    (every fp8 value, random values over the ranges, the transpose, the GELU on the way),
+    the amax and scale update, each fp8 matmul form against numpy on the decoded operands,
+    then steps against bf16's, a seeded repeat and an exact resume through run_state."""
+    out = finish_sim(sim_runs["fp8"])
+    checks = [line for line in out.splitlines() if line.startswith("CHECK")]
+    for name in ("fp8 cast E4M3 codes", "fp8 cast E5M2 transposed", "fp8 cast E4M3 every value",
+                 "fp8 cast of the GELU", "fp8 scale from the history", "fp8 matmul + residual + bias",
+                 "fp8 matmul accumulating", "fp8 matmul * gelu'(aux)", "fp8 vs bf16 gradients",
+                 "fp8 seeded run repeats: gradients", "fp8 resume: next gradients"):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
 
 

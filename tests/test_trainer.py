@@ -1124,6 +1124,47 @@ def test_gpu_channel_limit_is_4096():
         tc._check_shape(common.GPT2Config(**wide, channels=4100), 1, 8)
 
 
+def test_fp8_refuses_what_its_matmuls_cannot_take_in_one_line(monkeypatch):
+    """--precision fp8: cuBLASLt's fp8 matmuls need B*T and channels in multiples of 16,
+    and a GPU with fp8 tensor cores (compute capability 8.9 or later); one line each."""
+    import cuda_fp8
+    import train_gpt2_cuda as tc
+    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=64, num_layers=1, num_heads=2,
+                            channels=32)
+    monkeypatch.setattr(cuda_fp8, "supported", lambda: True)  # (CI has no GPU)
+    tc._check_shape(cfg, 2, 8, "fp8")
+    with pytest.raises(common.UserError, match="multiples of 16, not 14 and 32"):
+        tc._check_shape(cfg, 2, 7, "fp8")
+    tc._check_shape(cfg, 2, 7, "bf16")
+    monkeypatch.setattr(cuda_fp8, "supported", lambda: False)
+    monkeypatch.setattr(tc.cuda, "get_current_device", lambda: type("GPU", (), {"compute_capability": (8, 0)})())
+    with pytest.raises(common.UserError, match="fp8 tensor cores .* this one is 8.0: use --precision bf16"):
+        tc._check_shape(cfg, 2, 8, "fp8")
+
+
+def test_fp8_codes_round_trip_and_round_to_nearest_even():
+    """cuda_fp8's reference encoder (what the cast kernel is checked against): every finite
+    code decodes and encodes back to itself; a value halfway between two neighbours goes
+    to the even code; past the largest value it saturates; NaN stays NaN. The tables from
+    the formats' definitions: E4M3's largest 448, E5M2's 57344, smallest steps 2^-9, 2^-16."""
+    import cuda_fp8 as f8
+    for fmt, top, step in ((f8.E4M3, 448.0, 2.0 ** -9), (f8.E5M2, 57344.0, 2.0 ** -16)):
+        codes = np.arange(256, dtype=np.uint8)
+        values = f8.decode(codes, fmt)
+        finite = np.isfinite(values)
+        assert np.array_equal(f8.encode(values[finite], fmt), codes[finite])
+        assert f8.largest(fmt) == top and f8.decode(np.uint8(1), fmt) == step
+        assert f8.encode(np.float32(1e9), fmt) == f8.LARGEST_CODE[fmt]
+        assert f8.encode(np.float32(-1e9), fmt) == 0x80 | f8.LARGEST_CODE[fmt]
+        assert f8.encode(np.float32(np.nan), fmt) == f8.NAN_CODE
+        one = f8.decode(np.array([0x38 if fmt == f8.E4M3 else 0x3C], np.uint8), fmt)[0]
+        above = f8.decode(np.array([0x39 if fmt == f8.E4M3 else 0x3D], np.uint8), fmt)[0]
+        assert one == 1.0
+        halfway = np.float32((one + above) / 2)  # 1 + half a step: the even code (1.0) wins
+        assert f8.encode(halfway, fmt) == (0x38 if fmt == f8.E4M3 else 0x3C)
+        assert f8.encode(np.nextafter(halfway, np.float32(2)), fmt) == (0x39 if fmt == f8.E4M3 else 0x3D)
+
+
 def test_recompute_levels_keep_one_layer_of_what_they_recompute():
     """bf16 -r: 1 keeps one layer's GELU output (2 bytes a value of B*T*4C), 2 also one
     layer's ln1, ln2 (bf16) and residual2 (float32): (L - 1) layers' fewer at each level."""
