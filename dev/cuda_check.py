@@ -793,7 +793,7 @@ def cmd_fp8(args):
     moderate = np.clip(xw, -20, 20)  # the GELU's input range in practice
     xd.copy_to_device(common.float32_to_bfloat16(moderate))
     f8.cast(xd, meta, 0, f8.E4M3, out_t=out_t, with_gelu=True)
-    ref = f8.encode(_gelu_np(common.bfloat16_to_float32(common.float32_to_bfloat16(moderate))) * meta_host[0, 0],
+    ref = f8.encode(_gelu_np(common.bfloat16_to_float32(common.float32_to_bfloat16(moderate))) * meta_host[0, f8.SCALE],
                     f8.E4M3)  # (a float32 tanh may differ by an ulp: a rare code across a rounding boundary)
     report("fp8 cast of the GELU, transposed", np.mean(out_t.copy_to_host() != ref.T), 0.0, 1e-3, absolute=True)
     xd.copy_to_device(x16)
