@@ -13,6 +13,7 @@ train_gpt2.c and train_gpt2.cu). The map:
   (`encoder_layernorm`, `residual_layernorm`, `colsum`, `layernorm_backward`, `adamw`, ...).
 - cuda_libraries.py: device memory, and the libraries with their simulator emulations:
   cuBLAS (`Blas`), cuBLASLt with its tuning cache (`Lt`), cuDNN's attention (`Attention`).
+- cuda_fp8.py: --precision fp8's formats, casts and delayed scales (`Fp8State`).
 - distributed.py: the ranks of a data-parallel run and NCCL.
 This module imports gpt2_common, never train_gpt2.
 
@@ -25,12 +26,13 @@ when the layouts differ (DeviceLayout). Every non-matmul layer is a numba.cuda k
 computing the same math as its CPU twin; the matmuls go through cuBLAS, TF32 tensor
 cores or strict fp32 by the handle's math mode.
 
-Three precisions (CUDA(..., precision=)): "fp32" and "tf32" as described here, all
+Four precisions (CUDA(..., precision=)): "fp32" and "tf32" as described here, all
 buffers float32; "bf16", mixed precision (to_device_bf16, gpt2_forward_bf16,
 gpt2_backward_bf16): a bf16 copy of the parameters and bf16 activations beside the float32
 master weights, gradients, AdamW state and residual stream, matmuls through cuBLASLt
 with the bias and GELU as epilogues, attention through cuDNN's fused flash attention,
-and each step phase replayed as a CUDA graph. The kernels are the same for all three:
+and each step phase replayed as a CUDA graph; "fp8", the bf16 step with its layers'
+matmuls in fp8 (linear_forward, linear_backward, cuda_fp8). The kernels are the same for all:
 they read and write through ld/st, which convert by the array's dtype (uint16 holds
 bf16 bits), and the memory-bound row kernels through ld4/st4, four values per access
 over a packed uint64 view (quads).
