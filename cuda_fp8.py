@@ -58,6 +58,7 @@ SCALE_INV, SCALE, AMAX, FP8_MAX, HISTORY = 0, 1, 2, 3, 4
 TQ = 2 if SIM else 16   # a cast tile is 4 TQ rows x 4 TQ columns; its block TQ x TQ threads
 TILE = 4 * TQ           # (shared-memory shapes must be constants)
 TILE_ROW = TILE + 4
+WARPS = max(1, TQ * TQ // 32)
 
 
 def largest(fmt):
@@ -108,6 +109,9 @@ if SIM:
     def _f32_bits(x):
         return int(np.float32(x).view(np.uint32))
 
+    def _amax_bits(x):
+        return np.int32(np.float32(x).view(np.int32))
+
     def _rint(x):
         return float(np.rint(np.float32(x)))
 
@@ -122,6 +126,10 @@ else:
     @cuda.jit(device=True, inline=True)
     def _f32_bits(x):
         return libdevice.float_as_int(x) & 0xFFFFFFFF
+
+    @cuda.jit(device=True, inline=True)
+    def _amax_bits(x):
+        return libdevice.float_as_int(x)
 
     @cuda.jit(device=True, inline=True)
     def _rint(x):
@@ -166,13 +174,16 @@ def to_fp8(v, e5m2):
 
 
 @cuda.jit(**JIT)
-def k_cast(x, out, out_t, meta, slot, e5m2, mode, with_gelu):
+def k_cast(x, out, out_t, meta, meta_bits, slot, e5m2, mode, with_gelu):
     # x (rows, cols) bf16 quads -> fp8 codes: out (rows, cols / 4) uint32 words of four
     # codes (mode & 1), out_t (cols, rows / 4) the transpose (mode & 2), scaled by the
-    # slot's scale; the amax of |x| into the slot's. with_gelu: of gelu(x) instead. Block (tx, ty) of TQ x TQ threads: a
+    # slot's scale; the amax of |x| into the slot's (an integer atomic max on its bits,
+    # meta_bits: for floats >= 0 the order is the same; one atomic a block). with_gelu: of
+    # gelu(x) instead. Block (tx, ty) of TQ x TQ threads: a
     # 4 TQ x 4 TQ tile; thread (tx, ty) reads quad column tx of rows ty + TQ j, then writes
     # the tile's transposed rows ty + TQ j, four codes (four rows of x) at word tx.
     tile = cuda.shared.array((TILE, TILE_ROW), uint8)
+    warp_amax = cuda.shared.array(WARPS, float32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     rows, nq = x.shape[0], x.shape[1]
@@ -197,9 +208,18 @@ def k_cast(x, out, out_t, meta, slot, e5m2, mode, with_gelu):
             tile[r, 4 * tx + 1] = c1
             tile[r, 4 * tx + 2] = c2
             tile[r, 4 * tx + 3] = c3
-    amax = _warp_max(amax)
-    if SIM or (tx + TQ * ty) % 32 == 0:
-        cuda.atomic.max(meta, (slot, AMAX), amax)
+    if SIM:
+        cuda.atomic.max(meta_bits, (slot, AMAX), _amax_bits(amax))
+    else:
+        amax = _warp_max(amax)
+        lin = tx + TQ * ty
+        if lin % 32 == 0:
+            warp_amax[lin // 32] = amax
+        cuda.syncthreads()
+        if lin == 0:
+            for w in range(1, WARPS):
+                amax = max(amax, warp_amax[w])
+            cuda.atomic.max(meta_bits, (slot, AMAX), _amax_bits(amax))
     if mode & 2:
         cuda.syncthreads()
         wq = cuda.blockIdx.y * TQ + tx  # word of out_t's row: x's rows 4 wq .. 4 wq + 3
@@ -278,7 +298,8 @@ def cast(x, meta, slot_index, fmt, out=None, out_t=None, with_gelu=False):
     grid = ((cols + side - 1) // side, (rows + side - 1) // side)
     o = words(out if out is not None else out_t)
     ot = words(out_t if out_t is not None else out)
-    _launch(k_cast, grid, (TQ, TQ))(quads(x), o, ot, meta, int(slot_index), int(fmt), mode, int(with_gelu))
+    bits = _view(meta, "amax bits", lambda m: m.view(np.int32))
+    _launch(k_cast, grid, (TQ, TQ))(quads(x), o, ot, meta, bits, int(slot_index), int(fmt), mode, int(with_gelu))
 
 
 def update_scales(meta):
