@@ -1153,13 +1153,14 @@ def device_memory_used():
 def datasheet_peak_tflops(precision):
     """Dense peak of the GPU for MFU: the H100/H200 SXM datasheet's BF16 (989.4), TF32
     tensor-core (494.7) or plain FP32 (66.9) TFLOP/s; 0 (MFU not shown) for other GPUs
-    and the simulator."""
+    and the simulator. fp8 is measured against the BF16 peak (its attention and
+    classifier are bf16): an MFU comparable with bf16's."""
     if SIM:
         return 0.0
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else str(name)
     if "H100" in name or "H200" in name:
-        return {"bf16": 989.4, "tf32": 494.7}.get(precision, 66.9)
+        return {"bf16": 989.4, "fp8": 989.4, "tf32": 494.7}.get(precision, 66.9)
     return 0.0
 
 

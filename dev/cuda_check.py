@@ -829,8 +829,10 @@ def cmd_fp8(args):
     report("fp8 1 / scale", m[0, f8.SCALE_INV] * m[0, f8.SCALE], 1.0, 0, absolute=True)
 
     # the step's fp8 matmul forms against numpy on the decoded operands (sums of exact
-    # products in float32: the tensor cores' accumulation differs by a few float32 ulps,
-    # fast accumulation by more)
+    # products in float64). The tensor cores do not sum fp8 products in full float32: on an
+    # H100 the float32 outputs were 1.0e-4 off (||error|| / ||ref||) with the precise
+    # accumulation and 4.4e-4 with the fast one; the bf16 outputs 1.7e-3 (their rounding).
+    # A wrong scale, operand or layout is off by O(1).
     lt = tc.Lt(0)
     M, N, K = (32, 48, 64) if tc.SIM else (512, 768, 1024)
     scales = tc.alloc(8)  # (16-byte aligned, as cuBLASLt's scale pointers must be)
@@ -864,11 +866,11 @@ def cmd_fp8(args):
     add_d, c32 = dev(add, np.float32), tc.alloc(M * N).reshape(M, N)
     lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c32), N, out_fp32=True, add=addr(add_d),
               bias=addr(dev(bias, np.uint16)), a8=sa, b8=sb, fast_accum=True)
-    report("fp8 matmul + residual + bias, f32", c32.copy_to_host(), ref + add + bias_w, 1e-4, norm=True)
+    report("fp8 matmul + residual + bias, f32", c32.copy_to_host(), ref + add + bias_w, 2e-3, norm=True)
     c32.copy_to_device(add)
     lt.matmul(False, True, M, N, K, addr(a_d), K, addr(b_d), K, addr(c32), N, out_fp32=True, accumulate=True,
               a8=sa, b8=sb)
-    report("fp8 matmul accumulating, f32", c32.copy_to_host(), ref + add, 1e-5, norm=True)
+    report("fp8 matmul accumulating, f32", c32.copy_to_host(), ref + add, 5e-4, norm=True)
     pre = rng.standard_normal((M, N)).astype(np.float32)
     pre16 = common.float32_to_bfloat16(pre)
     from cuda_libraries import _gelu_grad_np
