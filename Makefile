@@ -78,7 +78,7 @@ fineweb: install  ## the GPT-2 124M reproduction's data: FineWeb sample-10BT sha
 gpt2-124m:  ## GPT-2 124M on FineWeb, llm.c's recipe, on this machine's GPUs (scripts/run_gpt2_124M.sh; data first, see README)
 	PYTHON=$(PYTHON) bash scripts/run_gpt2_124M.sh
 
-gpu-check:  ## on an NVIDIA machine: fp32/TF32/bf16 parity, loss curve, determinism, benchmarks (dev/gpu_check.sh)
+gpu-check:  ## on an NVIDIA machine: fp32/TF32/bf16/fp8 parity, loss curves, determinism, benchmarks (dev/gpu_check.sh)
 	bash dev/gpu_check.sh
 
 clean:  ## remove Python and Numba caches (keeps data/ and .venv)
