@@ -1265,11 +1265,11 @@ def parse_args(argv):
                         "matmuls, float32 storage; what --tf32 1 was) or fp32 (strict; --tf32 0). auto: bf16 on "
                         "cuda, fp32 on cpu")
     g.add_argument("-r", "--recompute", type=int, choices=[0, 1, 2], default=1,
-                   help="cuda bf16: what the backward computes again instead of keeping per layer: 0 nothing "
+                   help="cuda bf16, fp8: what the backward computes again instead of keeping per layer: 0 nothing "
                         "(fastest), 1 the GELU output (llm.c's default), 2 also the layernorm outputs and the "
                         "residual after attention (least memory: 350M in 15%% less, 4 to 5%% slower)")
     g.add_argument("--deterministic", type=int, choices=[0, 1], default=1,
-                   help="cuda bf16: 1 runs cuDNN's attention backward in a fixed order, so a seed repeats its "
+                   help="cuda bf16, fp8: 1 runs cuDNN's attention backward in a fixed order, so a seed repeats its "
                         "losses bit for bit; 0 takes its faster kernels, whose gradient sums vary in order")
     g = p.add_argument_group("data parallel (launch with mpirun -np N, srun, or torchrun's environment)")
     g.add_argument("-z", "--zero-stage", type=int, choices=[0, 1], default=0,
