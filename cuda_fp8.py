@@ -30,6 +30,7 @@ Under the simulator the same kernels run, and cuda_libraries.Lt emulates the mat
 decoding the operands (`decode`).
 """
 
+import functools
 import math
 
 import numpy as np
@@ -65,9 +66,10 @@ def largest(fmt):
     return float(decode_table(fmt)[LARGEST_CODE[fmt]])
 
 
+@functools.lru_cache(maxsize=None)
 def decode_table(fmt):
     """The float32 value of each of the 256 codes of fmt (NaN codes: NaN; E5M2's 0x7C and
-    0xFC: +-infinity), from the format's definition."""
+    0xFC: +-infinity), from the format's definition (made once; read-only)."""
     mb, emin = MANTISSA[fmt], MIN_EXPONENT[fmt]
     values = np.empty(256, np.float64)
     for code in range(128):
@@ -79,7 +81,9 @@ def decode_table(fmt):
         values[0x7C] = np.inf
         values[0x7D:0x80] = np.nan
     values[128:] = -values[:128]
-    return values.astype(np.float32)
+    table = values.astype(np.float32)
+    table.setflags(write=False)
+    return table
 
 
 def decode(codes, fmt):
@@ -179,9 +183,9 @@ def k_cast(x, out, out_t, meta, meta_bits, slot, e5m2, mode, with_gelu):
     # codes (mode & 1), out_t (cols, rows / 4) the transpose (mode & 2), scaled by the
     # slot's scale; the amax of |x| into the slot's (an integer atomic max on its bits,
     # meta_bits: for floats >= 0 the order is the same; one atomic a block). with_gelu: of
-    # gelu(x) instead. Block (tx, ty) of TQ x TQ threads: a
-    # 4 TQ x 4 TQ tile; thread (tx, ty) reads quad column tx of rows ty + TQ j, then writes
-    # the tile's transposed rows ty + TQ j, four codes (four rows of x) at word tx.
+    # gelu(x) instead. A block of TQ x TQ threads covers a TILE x TILE tile: thread (tx, ty)
+    # reads quad column tx of rows ty + TQ j, then writes the tile's transposed rows
+    # ty + TQ j, four codes (four rows of x) at word tx.
     tile = cuda.shared.array((TILE, TILE_ROW), uint8)
     warp_amax = cuda.shared.array(WARPS, float32)
     tx = cuda.threadIdx.x
@@ -270,7 +274,7 @@ def supported():
     return tuple(cc) >= (8, 9)
 
 
-def slot(cfg, l, weight, kind):
+def slot(l, weight, kind):
     """The meta row of layer l's weight (a MATMUL_WEIGHTS name) and kind (WEIGHT, INPUT,
     GRAD)."""
     return (l * len(MATMUL_WEIGHTS) + MATMUL_WEIGHTS.index(weight)) * 3 + kind
@@ -294,8 +298,7 @@ def cast(x, meta, slot_index, fmt, out=None, out_t=None, with_gelu=False):
     assert cols % 4 == 0 and (out_t is None or rows % 4 == 0), (rows, cols)
     mode = (out is not None) | 2 * (out_t is not None)
     assert mode
-    side = 4 * TQ
-    grid = ((cols + side - 1) // side, (rows + side - 1) // side)
+    grid = ((cols + TILE - 1) // TILE, (rows + TILE - 1) // TILE)
     o = words(out if out is not None else out_t)
     ot = words(out_t if out_t is not None else out)
     bits = _view(meta, "amax bits", lambda m: m.view(np.int32))
@@ -335,7 +338,7 @@ class Fp8State:
         self.scratch_memory = alloc(3 * BT * 4 * C, np.uint8)
         s = self.scratch_memory
         self.x8, self.dy_t, self.x_t = s[:BT * 4 * C], s[BT * 4 * C:2 * BT * 4 * C], s[2 * BT * 4 * C:]
-        self.cfg = cfg
+        self.num_layers = L
 
     def buffer(self, flat, rows, cols):
         """The first rows x cols of a scratch buffer, as a matrix."""
@@ -347,9 +350,9 @@ class Fp8State:
 
     def cast_weights(self, params16):
         """Every matmul weight's E4M3 copy and transpose, from the bf16 weights."""
-        for l in range(self.cfg.num_layers):
+        for l in range(self.num_layers):
             for w in MATMUL_WEIGHTS:
-                cast(getattr(params16, w)[l], self.meta, slot(self.cfg, l, w, WEIGHT), E4M3, self.w8[w, l],
+                cast(getattr(params16, w)[l], self.meta, slot(l, w, WEIGHT), E4M3, self.w8[w, l],
                      self.w8_t[w, l])
 
     def calibrate(self, params16):

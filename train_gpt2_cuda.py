@@ -999,9 +999,9 @@ def linear_forward(dm, l, w, x, out, bias=0, add=0, gelu_aux=0, gelu_of=None):
         dm.lt.matmul(False, True, BT, N, K, addr(x), K, getattr(ad, w)[l], K, out, N, out_fp32=out_fp32, add=add,
                      bias=bias, gelu_aux=gelu_aux)
         return
-    f8, cfg = dm.fp8, dm.cfg
+    f8 = dm.fp8
     x8 = f8.buffer(f8.x8, BT, K)
-    s_in, s_w = cuda_fp8.slot(cfg, l, w, cuda_fp8.INPUT), cuda_fp8.slot(cfg, l, w, cuda_fp8.WEIGHT)
+    s_in, s_w = cuda_fp8.slot(l, w, cuda_fp8.INPUT), cuda_fp8.slot(l, w, cuda_fp8.WEIGHT)
     if gelu_of is None:
         cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8)
     else:
@@ -1027,9 +1027,9 @@ def linear_backward(dm, l, w, dout, x, dinp, accumulate, dgelu_aux=0, gelu_of=No
         dm.lt.matmul(True, False, N, K, BT, addr(dout), N, addr(x), K, grad, K, out_fp32=True, accumulate=accumulate)
         dm.lt.matmul(False, False, BT, K, N, addr(dout), N, getattr(ad, w)[l], K, dinp, K, dgelu_aux=dgelu_aux)
         return
-    f8, cfg = dm.fp8, dm.cfg
+    f8 = dm.fp8
     dy8, dy_t, x_t = f8.buffer(f8.x8, BT, N), f8.buffer(f8.dy_t, N, BT), f8.buffer(f8.x_t, K, BT)
-    s_in, s_w, s_dy = (cuda_fp8.slot(cfg, l, w, kind) for kind in (cuda_fp8.INPUT, cuda_fp8.WEIGHT, cuda_fp8.GRAD))
+    s_in, s_w, s_dy = (cuda_fp8.slot(l, w, kind) for kind in (cuda_fp8.INPUT, cuda_fp8.WEIGHT, cuda_fp8.GRAD))
     cuda_fp8.cast(dout, f8.meta, s_dy, cuda_fp8.E5M2, out=dy8, out_t=dy_t)
     cuda_fp8.cast(x if gelu_of is None else gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out_t=x_t,
                   with_gelu=gelu_of is not None)
