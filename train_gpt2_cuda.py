@@ -827,7 +827,7 @@ CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time 
 def one_layer_activations(recompute, fp8=False):
     """The activations a buffer of one layer holds: the recomputed ones, and under fp8 the
     GELU output too, which its casts compute from fch instead (only a bf16 view of an fp8
-    model, forward-only, writes it)."""
+    model, forward-only, and fp8's first-step measuring, in bf16, write it)."""
     return RECOMPUTED[recompute] + (("fch_gelu",) if fp8 and "fch_gelu" not in RECOMPUTED[recompute] else ())
 
 
@@ -965,7 +965,7 @@ def gpt2_forward_bf16(dm):
             linear_forward(dm, l, "fcw", A.ln2[l], ad.fch_gelu[l], bias=ad.fcb[l], gelu_aux=ad.fch[l])
         else:
             linear_forward(dm, l, "fcw", A.ln2[l], ad.fch[l], bias=ad.fcb[l])
-            if dm.fp8 is None:  # (fp8: the GELU is applied by the cast into the next matmul)
+            if bf16_matmuls(dm):  # (fp8: the GELU is applied by the cast into the next matmul)
                 gelu_forward(A.fch_gelu[l], A.fch[l])
         linear_forward(dm, l, "fcprojw", A.fch_gelu[l], ad.residual3[l], add=ad.residual2[l], bias=ad.fcprojb[l],
                        gelu_of=A.fch[l])
@@ -986,26 +986,34 @@ def attention_projection(dm, l):
                    bias=ad.attprojb[l])
 
 
+def bf16_matmuls(dm):
+    """Whether the layers' matmuls run in bf16: under bf16, and while fp8 measures its
+    first scales (cuda_fp8.Fp8State.measuring)."""
+    return dm.fp8 is None or dm.fp8.measuring
+
+
 def linear_forward(dm, l, w, x, out, bias=0, add=0, gelu_aux=0, gelu_of=None):
     """out = x @ W^T for layer l's weight w (N x K; x, B*T x K, bf16) through cuBLASLt,
     with its epilogues (Lt.matmul): bf16 out, or float32 when it adds to the residual
     stream (add). fp8: x cast to E4M3 on the way (its slot's scale; cuda_fp8), times the
     weight's E4M3 copy, with the tensor cores' fast accumulation; the bias in bf16; with
-    gelu_of, x is gelu(gelu_of), which the cast computes (x itself is never written)."""
+    gelu_of, x is gelu(gelu_of), which the cast computes (x itself is never written, but
+    while fp8 measures its first scales, when the matmul is bf16's)."""
     ad, BT = dm.addr, dm.B * dm.T
     N, K = getattr(dm.params16, w)[l].shape
     out_fp32 = bool(add)
-    if dm.fp8 is None:
+    f8 = dm.fp8
+    if f8 is not None:
+        x8 = f8.buffer(f8.x8, BT, K)
+        s_in, s_w = cuda_fp8.slot(l, w, cuda_fp8.INPUT), cuda_fp8.slot(l, w, cuda_fp8.WEIGHT)
+        if gelu_of is None:
+            cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8)
+        else:
+            cuda_fp8.cast(gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out=x8, with_gelu=True)
+    if bf16_matmuls(dm):
         dm.lt.matmul(False, True, BT, N, K, addr(x), K, getattr(ad, w)[l], K, out, N, out_fp32=out_fp32, add=add,
                      bias=bias, gelu_aux=gelu_aux)
         return
-    f8 = dm.fp8
-    x8 = f8.buffer(f8.x8, BT, K)
-    s_in, s_w = cuda_fp8.slot(l, w, cuda_fp8.INPUT), cuda_fp8.slot(l, w, cuda_fp8.WEIGHT)
-    if gelu_of is None:
-        cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8)
-    else:
-        cuda_fp8.cast(gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out=x8, with_gelu=True)
     if out_fp32 and bias:
         bias = getattr(ad, {"attprojw": "attprojb16", "fcprojw": "fcprojb16"}[w])[l]
     dm.lt.matmul(False, True, BT, N, K, addr(x8), K, addr(f8.w8[w, l]), K, out, N, out_fp32=out_fp32, add=add,
@@ -1019,17 +1027,21 @@ def linear_backward(dm, l, w, dout, x, dinp, accumulate, dgelu_aux=0, gelu_of=No
     = dout^T @ x (+= with accumulate); dout (B*T x N) and x bf16. fp8: dout cast to E5M2
     and its transpose, x's transpose to E4M3 (the slot of its forward cast; gelu_of as
     there), W's transposed E4M3 copy; precise accumulation (Transformer Engine's choice
-    for the backward)."""
+    for the backward). While fp8 measures its first scales: bf16's matmuls, and dout's
+    cast only for its amax."""
     ad, BT = dm.addr, dm.B * dm.T
     N, K = getattr(dm.params16, w)[l].shape
     grad = getattr(ad, "g" + w)[l]
-    if dm.fp8 is None:
+    f8 = dm.fp8
+    if f8 is not None:
+        dy8, dy_t, x_t = f8.buffer(f8.x8, BT, N), f8.buffer(f8.dy_t, N, BT), f8.buffer(f8.x_t, K, BT)
+        s_in, s_w, s_dy = (cuda_fp8.slot(l, w, kind) for kind in (cuda_fp8.INPUT, cuda_fp8.WEIGHT, cuda_fp8.GRAD))
+    if bf16_matmuls(dm):
+        if f8 is not None:
+            cuda_fp8.cast(dout, f8.meta, s_dy, cuda_fp8.E5M2, out=dy8)
         dm.lt.matmul(True, False, N, K, BT, addr(dout), N, addr(x), K, grad, K, out_fp32=True, accumulate=accumulate)
         dm.lt.matmul(False, False, BT, K, N, addr(dout), N, getattr(ad, w)[l], K, dinp, K, dgelu_aux=dgelu_aux)
         return
-    f8 = dm.fp8
-    dy8, dy_t, x_t = f8.buffer(f8.x8, BT, N), f8.buffer(f8.dy_t, N, BT), f8.buffer(f8.x_t, K, BT)
-    s_in, s_w, s_dy = (cuda_fp8.slot(l, w, kind) for kind in (cuda_fp8.INPUT, cuda_fp8.WEIGHT, cuda_fp8.GRAD))
     cuda_fp8.cast(dout, f8.meta, s_dy, cuda_fp8.E5M2, out=dy8, out_t=dy_t)
     cuda_fp8.cast(x if gelu_of is None else gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out_t=x_t,
                   with_gelu=gelu_of is not None)
@@ -1098,7 +1110,7 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
-    recomputed = RECOMPUTED[dm.recompute]
+    recomputed = one_layer_activations(dm.recompute, dm.fp8 is not None)
 
     # the classifier's part ran with the forward, per target (classifier_bf16): scaled here
     classifier_wte_grad(g.wte, dm.wte_grad_pending, dm.stats, dm.dlnf_scale, loss_scale, accumulate)
@@ -1114,7 +1126,7 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
             layernorm_apply(A.residual2[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
         # with the layernorm backward above it
-        if "fch_gelu" in recomputed and dm.fp8 is None:
+        if "fch_gelu" in recomputed and bf16_matmuls(dm):
             gelu_forward(A.fch_gelu[l], A.fch[l])
         linear_backward(dm, l, "fcprojw", a.dresidual16, A.fch_gelu[l], ad.d4C, accumulate, dgelu_aux=ad.fch[l],
                         gelu_of=A.fch[l])
@@ -1251,11 +1263,35 @@ class CUDA(common.Device):
         _stage_tokens(dm, inputs, targets)
         dm.has_loss = targets is not None
         dm.backward_ready = dm.has_loss and dm.trains
+        if dm.backward_ready and dm.fp8 is not None and dm.fp8.unscaled:
+            self.measure_fp8_scales()
         forward = gpt2_forward_bf16 if self.precision in MIXED else gpt2_forward_cuda
         self._device_step(("forward", targets is not None), lambda: forward(dm))
         if dm.backward_ready:
             _stage_buckets(dm)  # built on the host while the device runs the forward
         return mean_loss_cuda(dm)  # waits for the forward
+
+    def measure_fp8_scales(self):
+        """A fresh fp8 run's first training forward: its layers' inputs and gradients have
+        no amax history yet, and at scale 1 most first-step gradients round to zero in E5M2
+        (cuda_fp8's docstring). So it first runs a bf16 forward and backward whose casts
+        only measure (every fp8 input's and gradient's amax), sets the scales from them, and
+        goes on in fp8. Once per run; the gradients it writes are replaced by the step's
+        first backward (accumulate=False). The weights' scales stay (their history holds
+        their own amax already)."""
+        dm, f8 = self.dm, self.dm.fp8
+
+        def measure():
+            gpt2_forward_bf16(dm)
+            gpt2_backward_bf16(dm, False, 1.0)
+            cuda_fp8.update_scales(f8.meta)
+
+        f8.measuring, dm.reducing = True, False
+        try:
+            self._device_step(("fp8 scales",), measure)
+        finally:
+            f8.measuring = False
+        f8.unscaled = False
 
     def backward(self, accumulate=False, loss_scale=1.0, last_micro_step=True):
         """last_micro_step: this backward ends the step (data parallel: its gradients are
@@ -1360,11 +1396,12 @@ class CUDA(common.Device):
         if self.dm.fp8 is None:
             return {}
         synchronize()
-        return {"fp8_meta": self.dm.fp8.meta.copy_to_host().tolist()}
+        return {"fp8_meta": self.dm.fp8.meta.copy_to_host().tolist(), "fp8_unscaled": self.dm.fp8.unscaled}
 
     def set_run_state(self, state):
         if self.dm.fp8 is not None and "fp8_meta" in state:
-            self.dm.fp8.restore(np.array(state["fp8_meta"], np.float32), self.dm.params16)
+            self.dm.fp8.restore(np.array(state["fp8_meta"], np.float32), self.dm.params16,
+                                state.get("fp8_unscaled", False))
 
     def logits_to_host(self):
         """fp32, tf32: the logits buffer as it is (dlogits after a backward); bf16: the

@@ -885,13 +885,19 @@ def cmd_fp8(args):
     B, T = 2, 8
     x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
-    runs = {}
+    runs, first = {}, {}
     for name, prec in (("bf16", "bf16"), ("fp8", "fp8"), ("fp8 again", "fp8")):
         d = tc.CUDA(common.gpt2_init_random(cfg, 3), B, T, precision=prec)
         losses = []
         for step in range(args.steps):
             losses.append(d.forward(x, y))
+            if step == 0 and prec == "fp8":  # the first step's casts: every input and gradient slot has a scale
+                m = d.dm.fp8.meta.copy_to_host()
+                kinds = np.arange(m.shape[0]) % 3
+                unscaled = (kinds != f8.WEIGHT) & (m[:, f8.HISTORY] == 0)
             d.backward()
+            if step == 0:
+                first[name] = d.grads_to_host()
             if step + 1 < args.steps:
                 d.update(1e-3, 0.9, 0.95, 1e-8, 0.1, "matrices", 1.0)
         runs[name] = (losses, d.grads_to_host())
@@ -904,6 +910,9 @@ def cmd_fp8(args):
             d.backward()
             after.append(d.grads_to_host())
         d.free()
+    # at scale 1 every one of these slots would count (16); their scales come from a bf16 pass first
+    report("fp8 first step: inputs and gradients cast at scale 1", int(unscaled.sum()), 0, 0, absolute=True)
+    report("fp8 vs bf16 first-step gradients", first["fp8"], first["bf16"], args.tol, norm=True)
     report("fp8 vs bf16 losses", runs["fp8"][0], runs["bf16"][0], 2e-2, norm=True)
     report("fp8 vs bf16 gradients", runs["fp8"][1], runs["bf16"][1], args.tol, norm=True)
     report("fp8 seeded run repeats: losses", runs["fp8 again"][0], runs["fp8"][0], 0.0, absolute=True)
