@@ -62,6 +62,7 @@ FP8_HISTORY = 16                         # steps of amax history per slot
 WEIGHT, INPUT, GRAD = 0, 1, 2            # a slot's kind: the weight, the layer's input, its output's gradient
 KIND_FORMAT = (E4M3, E4M3, E5M2)
 MATMUL_WEIGHTS = ("qkvw", "attprojw", "fcw", "fcprojw")
+INPUTS_T = ("qkvw", "fcw")  # the weights whose inputs (the layernorm outputs) keep fp8 transposes (Fp8State)
 # meta columns of a slot: 1 / scale (a matmul's scale pointer: first, so that with rows of a
 # multiple of 16 bytes it is 16-byte aligned, as cuBLASLt's fp8 matmuls require; at an
 # address 4 bytes off, every algorithm answered CUBLAS_STATUS_NOT_SUPPORTED on an H100),
@@ -311,10 +312,11 @@ def update_scales(meta):
 class Fp8State:
     """The fp8 side of a model on the device (to_device_bf16 with fp8): the slots' meta
     (float32, one row a slot), each matmul weight's E4M3 copy and its transpose (one
-    uint8 buffer), and the casts' scratch: x8 (B*T x 4C: a forward input, or a
-    backward's dy), dy_t and x_t (4C x B*T: the transposed copies dW reads)."""
+    uint8 buffer), and the casts' scratch (`use_scratch`): x8 (B*T x 4C: a forward
+    input, or a backward's dy), dy_t and x_t (4C x B*T: the transposed copies dW
+    reads)."""
 
-    def __init__(self, cfg, B, T, params16):
+    def __init__(self, cfg, B, T, params16, keeps_inputs_t=True):
         L, C, BT = cfg.num_layers, cfg.channels, B * T
         rows = L * len(MATMUL_WEIGHTS) * 3
         meta = np.zeros((rows, HISTORY + FP8_HISTORY), np.float32)
@@ -334,13 +336,29 @@ class Fp8State:
                 self.w8[w, l] = self.weights_memory[off:off + N * K].reshape(N, K)
                 self.w8_t[w, l] = self.weights_memory[off + N * K:off + 2 * N * K].reshape(K, N)
                 off += 2 * N * K
-        self.scratch_memory = alloc(3 * BT * 4 * C, np.uint8)
-        s = self.scratch_memory
-        self.x8, self.dy_t, self.x_t = s[:BT * 4 * C], s[BT * 4 * C:2 * BT * 4 * C], s[2 * BT * 4 * C:]
+        # the E4M3 transposes of the qkv and fc layers' inputs (ln1, ln2), written by their
+        # forward casts, read by the backward's weight gradients (instead of keeping the
+        # bf16 inputs per layer and casting them again)
+        self.inputs_t_memory = alloc(L * len(INPUTS_T) * C * BT, np.uint8) if keeps_inputs_t else None
+        self.inputs_t = {}
+        for i, (l, w) in enumerate((l, w) for l in range(L) for w in INPUTS_T if keeps_inputs_t):
+            self.inputs_t[w, l] = self.inputs_t_memory[i * C * BT:(i + 1) * C * BT].reshape(C, BT)
+        self.scratch_bytes = 3 * BT * 4 * C
+        self.scratch_memory = None  # (use_scratch)
         self.num_layers = L
         # no amax history yet for the inputs and gradients: the first training step measures
         # them first (train_gpt2_cuda.CUDA.measure_fp8_scales), with bf16 matmuls meanwhile
         self.unscaled, self.measuring = True, False
+
+    def use_scratch(self, idle):
+        """The casts' scratch in the device array idle (a buffer nothing else uses while
+        the layers' matmuls run: the classifier's logits) where it is large enough, else
+        in memory of its own (scratch_memory)."""
+        n = self.scratch_bytes
+        s = idle.reshape(-1).view(np.uint8)
+        if s.size < n:
+            s = self.scratch_memory = alloc(n, np.uint8)
+        self.x8, self.dy_t, self.x_t = s[:n // 3], s[n // 3:2 * n // 3], s[2 * n // 3:n]
 
     def buffer(self, flat, rows, cols):
         """The first rows x cols of a scratch buffer, as a matrix."""

@@ -824,11 +824,26 @@ RECOMPUTED = {  # -r level: the activations the bf16 backward computes again, bi
 CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time (see classifier_bf16)
 
 
+FP8_ONE_LAYER = ("fch_gelu", "ln1", "ln2")  # fp8's casts read them once, in the forward (FP8_KEEPS_INPUTS_T)
+
+
 def one_layer_activations(recompute, fp8=False):
     """The activations a buffer of one layer holds: the recomputed ones, and under fp8 the
-    GELU output too, which its casts compute from fch instead (only a bf16 view of an fp8
-    model, forward-only, and fp8's first-step measuring, in bf16, write it)."""
-    return RECOMPUTED[recompute] + (("fch_gelu",) if fp8 and "fch_gelu" not in RECOMPUTED[recompute] else ())
+    GELU output (its casts compute it from fch) and the layernorm outputs (their casts
+    keep E4M3 transposes for the backward instead; cuda_fp8.Fp8State.inputs_t) too."""
+    return RECOMPUTED[recompute] + tuple(n for n in FP8_ONE_LAYER if fp8 and n not in RECOMPUTED[recompute])
+
+
+def backward_recomputes(dm):
+    """What the bf16 step's backward computes again: RECOMPUTED's; under fp8 (whose casts
+    apply the GELU, and which keeps the layernorm outputs' transposes at -r 0 and 1) the
+    layernorm outputs and residual2 at -r 2; while fp8 measures its first scales with
+    bf16 matmuls, every one-layer activation."""
+    if dm.fp8 is None:
+        return RECOMPUTED[dm.recompute]
+    if dm.fp8.measuring:
+        return one_layer_activations(dm.recompute, True)
+    return tuple(n for n in RECOMPUTED[dm.recompute] if n != "fch_gelu")
 
 
 def bf16_activation_shapes(cfg, B, T, recompute=1, classifier_rows=CLASSIFIER_ROWS, fp8=False):
@@ -868,7 +883,8 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     graph), the cuBLASLt plans and the cuDNN attention graphs. recompute: the -r level
     (RECOMPUTED); deterministic: cuDNN's attention backward in a fixed order (else its
     faster atomic dq sums); fp8: the layers' matmuls in fp8 (cuda_fp8.Fp8State: the
-    scales, the fp8 weights, the casts' scratch)."""
+    scales, the fp8 weights; the casts' scratch in the logits buffer, which the layers
+    leave idle)."""
     cfg = model.cfg
     _check_shape(cfg, B, T, "fp8" if fp8 else "bf16")
     if recompute not in RECOMPUTED:
@@ -892,13 +908,16 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     dm.params16_memory = alloc(dm.params_memory.size, np.uint16)
     store(dm.params16_memory, dm.params_memory)
     dm.params16 = dm.layout.views(dm.params16_memory)
-    dm.fp8 = cuda_fp8.Fp8State(cfg, B, T, dm.params16) if fp8 else None
+    keeps_inputs_t = "ln1" not in RECOMPUTED[dm.recompute]
+    dm.fp8 = cuda_fp8.Fp8State(cfg, B, T, dm.params16, keeps_inputs_t) if fp8 else None
     if fp8:
         dm.fp8.calibrate(dm.params16)
     dm.wte_grad_pending = alloc(dm.params.wte.size)
     dm.dlnf_scale = cuda.to_device(np.ones(1, np.float32))
     dm.lt = Lt(dm.stream_ptr)
     _activations_bf16(dm, None, None)
+    if fp8:
+        dm.fp8.use_scratch(dm.acts.logits)
     return dm
 
 
@@ -1006,8 +1025,8 @@ def linear_forward(dm, l, w, x, out, bias=0, add=0, gelu_aux=0, gelu_of=None):
     if f8 is not None:
         x8 = f8.buffer(f8.x8, BT, K)
         s_in, s_w = cuda_fp8.slot(l, w, cuda_fp8.INPUT), cuda_fp8.slot(l, w, cuda_fp8.WEIGHT)
-        if gelu_of is None:
-            cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8)
+        if gelu_of is None:  # (and the transpose the backward reads, where fp8 keeps it)
+            cuda_fp8.cast(x, f8.meta, s_in, cuda_fp8.E4M3, out=x8, out_t=f8.inputs_t.get((w, l)))
         else:
             cuda_fp8.cast(gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out=x8, with_gelu=True)
     if bf16_matmuls(dm):
@@ -1043,8 +1062,11 @@ def linear_backward(dm, l, w, dout, x, dinp, accumulate, dgelu_aux=0, gelu_of=No
         dm.lt.matmul(False, False, BT, K, N, addr(dout), N, getattr(ad, w)[l], K, dinp, K, dgelu_aux=dgelu_aux)
         return
     cuda_fp8.cast(dout, f8.meta, s_dy, cuda_fp8.E5M2, out=dy8, out_t=dy_t)
-    cuda_fp8.cast(x if gelu_of is None else gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out_t=x_t,
-                  with_gelu=gelu_of is not None)
+    if (w, l) in f8.inputs_t:  # the forward's cast kept it
+        x_t = f8.inputs_t[w, l]
+    else:
+        cuda_fp8.cast(x if gelu_of is None else gelu_of, f8.meta, s_in, cuda_fp8.E4M3, out_t=x_t,
+                      with_gelu=gelu_of is not None)
     dy_scale = (R_8F_E5M2, f8.scale_inv(s_dy))
     dm.lt.matmul(False, True, N, K, BT, addr(dy_t), BT, addr(x_t), BT, grad, K, out_fp32=True, accumulate=accumulate,
                  a8=dy_scale, b8=(R_8F_E4M3, f8.scale_inv(s_in)))
@@ -1110,7 +1132,7 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
     p, g, a = dm.params, dm.grads, dm.acts
     P, G, A, ad = dm.P, dm.G, dm.A, dm.addr
     cs, lnb = dm.colsum_scratch, dm.layernorm_scratch
-    recomputed = one_layer_activations(dm.recompute, dm.fp8 is not None)
+    recomputed = backward_recomputes(dm)
 
     # the classifier's part ran with the forward, per target (classifier_bf16): scaled here
     classifier_wte_grad(g.wte, dm.wte_grad_pending, dm.stats, dm.dlnf_scale, loss_scale, accumulate)
@@ -1126,7 +1148,7 @@ def gpt2_backward_bf16(dm, accumulate, loss_scale):
             layernorm_apply(A.residual2[l], A.ln2[l], A.ln2_mean[l], A.ln2_rstd[l], P.ln2w[l], P.ln2b[l])
         # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))); fcprojb's gradient came
         # with the layernorm backward above it
-        if "fch_gelu" in recomputed and bf16_matmuls(dm):
+        if "fch_gelu" in recomputed:
             gelu_forward(A.fch_gelu[l], A.fch[l])
         linear_backward(dm, l, "fcprojw", a.dresidual16, A.fch_gelu[l], ad.d4C, accumulate, dgelu_aux=ad.fch[l],
                         gelu_of=A.fch[l])

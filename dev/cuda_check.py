@@ -885,16 +885,16 @@ def cmd_fp8(args):
     B, T = 2, 8
     x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
-    runs, first = {}, {}
-    for name, prec in (("bf16", "bf16"), ("fp8", "fp8"), ("fp8 again", "fp8")):
-        d = tc.CUDA(common.gpt2_init_random(cfg, 3), B, T, precision=prec)
+    runs, first, unscaled = {}, {}, 0
+    for name, prec, r in (("bf16", "bf16", 1), ("fp8", "fp8", 1), ("fp8 again", "fp8", 1), ("fp8 -r 2", "fp8", 2)):
+        d = tc.CUDA(common.gpt2_init_random(cfg, 3), B, T, precision=prec, recompute=r)
         losses = []
         for step in range(args.steps):
             losses.append(d.forward(x, y))
             if step == 0 and prec == "fp8":  # the first step's casts: every input and gradient slot has a scale
                 m = d.dm.fp8.meta.copy_to_host()
                 kinds = np.arange(m.shape[0]) % 3
-                unscaled = (kinds != f8.WEIGHT) & (m[:, f8.HISTORY] == 0)
+                unscaled += int(((kinds != f8.WEIGHT) & (m[:, f8.HISTORY] == 0)).sum())
             d.backward()
             if step == 0:
                 first[name] = d.grads_to_host()
@@ -910,13 +910,15 @@ def cmd_fp8(args):
             d.backward()
             after.append(d.grads_to_host())
         d.free()
-    # at scale 1 every one of these slots would count (16); their scales come from a bf16 pass first
-    report("fp8 first step: inputs and gradients cast at scale 1", int(unscaled.sum()), 0, 0, absolute=True)
+    # at scale 1 every one of these slots would count (16 a run); their scales come from a bf16 pass first
+    report("fp8 first step: inputs and gradients cast at scale 1", unscaled, 0, 0, absolute=True)
     report("fp8 vs bf16 first-step gradients", first["fp8"], first["bf16"], args.tol, norm=True)
     report("fp8 vs bf16 losses", runs["fp8"][0], runs["bf16"][0], 2e-2, norm=True)
     report("fp8 vs bf16 gradients", runs["fp8"][1], runs["bf16"][1], args.tol, norm=True)
     report("fp8 seeded run repeats: losses", runs["fp8 again"][0], runs["fp8"][0], 0.0, absolute=True)
     report("fp8 seeded run repeats: gradients", runs["fp8 again"][1], runs["fp8"][1], 0.0, absolute=True)
+    # -r 2 casts the recomputed layernorm outputs in the backward, -r 1 keeps their transposes from the forward
+    report("fp8 -r 2 as -r 1: gradients", runs["fp8 -r 2"][1], runs["fp8"][1], 0.0, absolute=True)
     model = common.gpt2_init_random(cfg, 3)
     d = tc.CUDA(model, B, T, precision="fp8")
     common.ensure_optimizer_buffers(model)
@@ -1154,7 +1156,10 @@ def memory_table(dm, before, built, running):
             rows[name] = x.nbytes
     if getattr(dm, "fp8", None) is not None:
         rows["fp8 weights (and transposes)"] = dm.fp8.weights_memory.nbytes
-        rows["fp8 cast scratch"] = dm.fp8.scratch_memory.nbytes
+        if dm.fp8.inputs_t_memory is not None:
+            rows["fp8 transposes of ln1 and ln2"] = dm.fp8.inputs_t_memory.nbytes
+        if dm.fp8.scratch_memory is not None:  # (else in the logits buffer)
+            rows["fp8 cast scratch"] = dm.fp8.scratch_memory.nbytes
     scratch = [dm.colsum_scratch.part, dm.layernorm_scratch.part, dm.staging]
     if dm.precision in ("bf16", "fp8"):  # cuBLASLt's and cuDNN's workspaces
         scratch += [dm.lt.workspace, dm.attention.workspace]
