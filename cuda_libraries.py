@@ -58,12 +58,15 @@ def release(arrays):
         _emu_buffers[:] = [(a, buf) for a, buf in _emu_buffers if a not in mine]
 
 
-def _emu_matrix(addr, rows, cols, ld):
+def _emu_matrix(addr, rows, cols, ld, dtype=None):
     """Column-major rows x cols matrix at an address of a float32, bf16 (uint16) or fp8
-    (uint8) buffer, as a numpy view; checks that it lies inside the buffer."""
+    (uint8) buffer, as a numpy view (dtype: of the buffer read as that type, as fp8
+    codes in a bf16 buffer); checks that it lies inside the buffer."""
     assert ld >= max(1, rows), (rows, cols, ld)
     for base, buf in _emu_buffers:
         if base <= addr < base + buf.nbytes:
+            if dtype is not None:
+                buf = buf.view(dtype)
             size = buf.itemsize
             off = (addr - base) // size
             assert (addr - base) % size == 0
@@ -405,8 +408,9 @@ class Lt:
         call(plan.result)
 
     def _emulate(self, tA, tB, M, N, K, A, lda, B, ldb, C, ldc, add, bias, gelu_aux, dgelu_aux, out_fp32, a8, b8):
-        opA = _emu_matrix(A, M, K, lda) if tA else _emu_matrix(A, K, M, lda).T
-        opB = _emu_matrix(B, K, N, ldb) if tB else _emu_matrix(B, N, K, ldb).T
+        fp8 = None if a8 is None else np.uint8  # (the casts' codes may live in a bf16 buffer)
+        opA = _emu_matrix(A, M, K, lda, fp8) if tA else _emu_matrix(A, K, M, lda, fp8).T
+        opB = _emu_matrix(B, K, N, ldb, fp8) if tB else _emu_matrix(B, N, K, ldb, fp8).T
         c = _emu_matrix(C, N, M, ldc).T
         assert c.dtype == (np.float32 if out_fp32 else np.uint16)
         if a8 is None:

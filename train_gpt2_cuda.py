@@ -824,7 +824,7 @@ RECOMPUTED = {  # -r level: the activations the bf16 backward computes again, bi
 CLASSIFIER_ROWS = 4096  # rows of logits the bf16 classifier computes at a time (see classifier_bf16)
 
 
-FP8_ONE_LAYER = ("fch_gelu", "ln1", "ln2")  # fp8's casts read them once, in the forward (FP8_KEEPS_INPUTS_T)
+FP8_ONE_LAYER = ("fch_gelu", "ln1", "ln2")  # fp8's backward reads none of them (one_layer_activations)
 
 
 def one_layer_activations(recompute, fp8=False):
@@ -1308,6 +1308,7 @@ class CUDA(common.Device):
             gpt2_backward_bf16(dm, False, 1.0)
             cuda_fp8.update_scales(f8.meta)
 
+        _stage_buckets(dm)  # (its backward's embedding gradient, though only the amaxes are kept)
         f8.measuring, dm.reducing = True, False
         try:
             self._device_step(("fp8 scales",), measure)

@@ -879,19 +879,21 @@ def cmd_fp8(args):
     report("fp8 matmul * gelu'(aux), bf16", common.bfloat16_to_float32(c16.copy_to_host()),
            ref * _gelu_grad_np(common.bfloat16_to_float32(pre16)), 1e-2, norm=True)
 
-    # training: fp8 against bf16 on a tiny model (the same data and init)
-    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=128, num_layers=2, num_heads=2,
+    # training: fp8 against bf16 on a tiny model (the same data and init; a padded vocabulary
+    # whose logits buffer holds the casts' scratch, as GPT-2's does)
+    cfg = common.GPT2Config(max_seq_len=16, vocab_size=60, padded_vocab_size=256, num_layers=2, num_heads=2,
                             channels=32)
     B, T = 2, 8
     x = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
     y = rng.integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
-    runs, first, unscaled = {}, {}, 0
+    runs, first, unscaled, layout = {}, {}, 0, {}
     for name, prec, r in (("bf16", "bf16", 1), ("fp8", "fp8", 1), ("fp8 again", "fp8", 1), ("fp8 -r 2", "fp8", 2)):
         d = tc.CUDA(common.gpt2_init_random(cfg, 3), B, T, precision=prec, recompute=r)
         losses = []
         for step in range(args.steps):
             losses.append(d.forward(x, y))
             if step == 0 and prec == "fp8":  # the first step's casts: every input and gradient slot has a scale
+                layout[r] = (d.dm.fp8.scratch_memory is None, d.dm.fp8.inputs_t_memory is not None)
                 m = d.dm.fp8.meta.copy_to_host()
                 kinds = np.arange(m.shape[0]) % 3
                 unscaled += int(((kinds != f8.WEIGHT) & (m[:, f8.HISTORY] == 0)).sum())
@@ -918,6 +920,8 @@ def cmd_fp8(args):
     report("fp8 seeded run repeats: losses", runs["fp8 again"][0], runs["fp8"][0], 0.0, absolute=True)
     report("fp8 seeded run repeats: gradients", runs["fp8 again"][1], runs["fp8"][1], 0.0, absolute=True)
     # -r 2 casts the recomputed layernorm outputs in the backward, -r 1 keeps their transposes from the forward
+    report("fp8 buffers: cast scratch in the logits, ln transposes at -r 1 only",
+           int(layout != {1: (True, True), 2: (True, False)}), 0, 0, absolute=True)
     report("fp8 -r 2 as -r 1: gradients", runs["fp8 -r 2"][1], runs["fp8"][1], 0.0, absolute=True)
     model = common.gpt2_init_random(cfg, 3)
     d = tc.CUDA(model, B, T, precision="fp8")
@@ -1181,18 +1185,20 @@ def memory_table(dm, before, built, running):
 
 
 def cmd_memory(args):
-    """The buffers of a bf16 training run, from the layouts alone (no GPU needed): ours
-    against llm.c's train_gpt2.cu (bf16, cuDNN attention, its default -r 1: the GELU
-    recomputed) at the same shape, ours at --recompute's level, row by row, in GiB. What
-    neither counts: the CUDA context, the libraries' handles and workspaces, CUDA graphs
-    (bench --memory measures those on a GPU)."""
+    """The buffers of a bf16 (or fp8) training run, from the layouts alone (no GPU
+    needed): ours against llm.c's train_gpt2.cu (bf16, cuDNN attention, its default -r 1:
+    the GELU recomputed) at the same shape, ours at --recompute's level, row by row, in
+    GiB. What neither counts: the CUDA context, the libraries' handles and workspaces,
+    CUDA graphs (bench --memory measures those on a GPU)."""
+    import cuda_fp8
     import train_gpt2_cuda as tc
     cfg = common.config_from_depth(f"d{args.depth}")
     B, T = args.B, args.T
     L, C, Vp, NH, BT = cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
     N = tc.parameter_layout(cfg).size  # ours: every tensor 256-byte aligned
     N_llmc = common.buffer_size(common.parameter_shapes(cfg))
-    bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, args.recompute, tc.CLASSIFIER_ROWS)
+    fp8 = args.precision == "fp8"
+    bf16, f32 = tc.bf16_activation_shapes(cfg, B, T, args.recompute, tc.CLASSIFIER_ROWS, fp8)
     ours = {name: int(np.prod(shape)) * 2 for name, shape in bf16}
     ours.update({name: int(np.prod(shape)) * 4 for name, shape in f32})
     lnstats = 4 * L * BT * 4  # ln1, ln2 mean and rstd (float32), both
@@ -1217,8 +1223,16 @@ def cmd_memory(args):
          sum(ours[n] for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses",
                                "logsumexp", "att_stats")), lnstats + 4 * (3 * BT + L * B * NH * T)),
     ]
-    print(f"memory of a bf16 training run, d{args.depth} B={B} T={T}, ours at -r {args.recompute}, llm.c at -r 1, "
-          "from the layouts (GiB):")
+    if fp8:  # cuda_fp8.Fp8State's buffers (its cast scratch lives in the logits buffer where it fits)
+        matmul_weights = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C)
+        kept_t = "ln1" not in tc.RECOMPUTED[args.recompute]
+        scratch = 12 * BT * C
+        rows += [("fp8 weights and their transposes (E4M3)", 2 * matmul_weights, 0),
+                 ("fp8 transposes of ln1, ln2 (E4M3; -r 2: none)", len(cuda_fp8.INPUTS_T) * L * BT * C * kept_t, 0),
+                 ("fp8 cast scratch (none: in the logits buffer)" if scratch <= ours["logits"] else
+                  "fp8 cast scratch", 0 if scratch <= ours["logits"] else scratch, 0)]
+    print(f"memory of a{' fp8' if fp8 else ' bf16'} training run, d{args.depth} B={B} T={T}, ours at -r "
+          f"{args.recompute}, llm.c (bf16) at -r 1, from the layouts (GiB):")
     print(f"  {'ours':>7s} {'llm.c':>7s} {'ours - llm.c':>12s}  buffer")
     for what, a, b in rows:
         print(f"  {a / 2**30:7.3f} {b / 2**30:7.3f} {(a - b) / 2**30:+12.3f}  {what}")
@@ -1686,6 +1700,7 @@ def main():
     m.add_argument("--B", type=int, default=16)
     m.add_argument("--T", type=int, default=1024)
     m.add_argument("--recompute", type=int, choices=[0, 1, 2], default=1, help="ours: the -r level")
+    m.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     k = sub.add_parser("bf16")
     k.add_argument("--tol", type=float, default=5e-2,
                    help="||error|| / ||reference|| vs the fp32 CPU target (after an update, AdamW turns the bf16 "

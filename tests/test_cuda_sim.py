@@ -118,7 +118,8 @@ def test_fp8_casts_matmuls_and_steps(sim_runs):
                  "fp8 cast of the GELU", "fp8 scale from the history", "fp8 matmul + residual + bias",
                  "fp8 matmul accumulating", "fp8 matmul * gelu'(aux)", "fp8 vs bf16 gradients",
                  "fp8 first step: inputs and gradients cast at scale 1", "fp8 vs bf16 first-step gradients",
-                 "fp8 seeded run repeats: gradients", "fp8 -r 2 as -r 1: gradients", "fp8 resume: next gradients"):
+                 "fp8 seeded run repeats: gradients", "fp8 -r 2 as -r 1: gradients",
+                 "fp8 buffers: cast scratch in the logits, ln transposes at -r 1 only", "fp8 resume: next gradients"):
         assert any(line[6:].startswith(name) for line in checks), f"no check named {name!r}"
 
 
@@ -153,3 +154,21 @@ def test_odd_shapes_in_every_precision(sim_runs):
     assert len(checks) == 6, out[-3000:]
     assert sum("passed OK" in line for line in checks) == 5 and sum("refused" in line for line in checks) == 1
     assert any(" C12 " in line and "bf16 refused" in line and "head size" in line for line in checks)
+
+
+def test_fp8_lays_out_no_more_memory_than_bf16():
+    """cuda_check.py memory (the layouts alone, no GPU): at GPT-2 124M, B=16, T=1024, -r 1,
+    fp8's buffers (its E4M3 weights and transposes, the layernorm outputs' transposes
+    instead of their bf16 copies, the casts' scratch in the logits buffer) total no more
+    than bf16's."""
+    totals = {}
+    for precision in ("bf16", "fp8"):
+        proc = subprocess.run([sys.executable, str(CHECK), "memory", "--precision", precision], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        total = [line for line in proc.stdout.splitlines() if line.strip().endswith("x)") and "total" in line]
+        assert len(total) == 1, proc.stdout
+        totals[precision] = float(total[0].split()[0])
+        if precision == "fp8":
+            assert "fp8 transposes of ln1, ln2" in proc.stdout and "in the logits buffer" in proc.stdout
+    assert totals["fp8"] <= totals["bf16"], totals
