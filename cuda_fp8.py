@@ -30,14 +30,16 @@ and its float32 master weights) stays as under bf16.
   |value| 1.3e-3) round to zero in E5M2. In a CPU emulation of these casts (124M, B=4,
   T=128, 200 steps; a probe, not kept) the val loss ended 1.40% above fp32's with every
   first-step scale at 1 (the weights' too, so worse than casting only the inputs and
-  gradients at 1), and 0.08% above with scales from the tensors themselves. Once per run: a resumed run
-  restores its scales (`restore`).
+  gradients at 1), and 0.08% above with scales from the tensors themselves. Once per
+  run: a resumed run restores its scales (`restore`).
 - Hopper's fp8 matmuls take both operands with the reduction dimension contiguous (cuBLAS's
   "TN" form) only. The forward's x @ W^T is already that; the backward's dx = dy @ W
   reads a transposed copy of each weight (made with the weight's cast, after each
   update), and dW = dy^T @ x reads transposed copies of dy and x, which the backward's
   casts write beside (or instead of) the plain ones: `cast` writes either or both from
-  one read, through a shared-memory tile.
+  one read, through a shared-memory tile. The layernorm outputs' transposes come from
+  their forward casts instead (`Fp8State.inputs_t`, but at -r 2), so the bf16 outputs
+  are one layer's buffer. The casts' scratch lives in the classifier's logits buffer.
 
 Under the simulator the same kernels run, and cuda_libraries.Lt emulates the matmuls by
 decoding the operands (`decode`).

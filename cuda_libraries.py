@@ -15,6 +15,7 @@ every path here also runs on a real GPU in dev/gpu_check.sh.
 import json
 import math
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +25,36 @@ from numba import cuda
 import gpt2_common as common
 
 SIM = bool(numba_config.ENABLE_CUDASIM)
+
+
+def _lock_simulator_shared_arrays():
+    """numba's simulator makes a block's static shared array when the first of its threads
+    asks for it, without a lock: two threads that ask at once could each make one, and
+    the writes of one were lost to the others, who read np.empty's garbage (once seen as
+    gradients of 1e29 in a CI run with four simulators on two cores). The same method
+    under a lock."""
+    import threading
+    import traceback
+    from numba.cuda.simulator import kernelapi
+    unlocked, lock = kernelapi.FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer made up front
+            return unlocked(self, shape, dtype)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe(1), limit=1)[0][0:2]  # the simulator's key
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIM:
+    _lock_simulator_shared_arrays()
 
 CUBLAS_DEFAULT_MATH = 0
 CUBLAS_TF32_TENSOR_OP_MATH = 3
