@@ -307,6 +307,12 @@ def cast(x, meta, slot_index, fmt, out=None, out_t=None, with_gelu=False):
     _launch(k_cast, grid, (TQ, TQ))(quads(x), o, ot, meta, bits, int(slot_index), int(fmt), mode, int(with_gelu))
 
 
+def scratch_bytes(BT, C):
+    """The casts' scratch: x8 (B*T x 4C: a forward input, or a backward's dy), dy_t and
+    x_t (4C x B*T: the transposed copies dW reads)."""
+    return 3 * BT * 4 * C
+
+
 def update_scales(meta):
     _launch(k_update_scales, (meta.shape[0] + 127) // 128, 128)(meta)
 
@@ -314,9 +320,8 @@ def update_scales(meta):
 class Fp8State:
     """The fp8 side of a model on the device (to_device_bf16 with fp8): the slots' meta
     (float32, one row a slot), each matmul weight's E4M3 copy and its transpose (one
-    uint8 buffer), and the casts' scratch (`use_scratch`): x8 (B*T x 4C: a forward
-    input, or a backward's dy), dy_t and x_t (4C x B*T: the transposed copies dW
-    reads)."""
+    uint8 buffer), the layernorm outputs' transposes (inputs_t), and the casts' scratch
+    (`scratch_bytes`, `use_scratch`)."""
 
     def __init__(self, cfg, B, T, params16, keeps_inputs_t=True):
         L, C, BT = cfg.num_layers, cfg.channels, B * T
@@ -345,7 +350,7 @@ class Fp8State:
         self.inputs_t = {}
         for i, (l, w) in enumerate((l, w) for l in range(L) for w in INPUTS_T if keeps_inputs_t):
             self.inputs_t[w, l] = self.inputs_t_memory[i * C * BT:(i + 1) * C * BT].reshape(C, BT)
-        self.scratch_bytes = 3 * BT * 4 * C
+        self.scratch_bytes = scratch_bytes(BT, C)
         self.scratch_memory = None  # (use_scratch)
         self.num_layers = L
         # no amax history yet for the inputs and gradients: the first training step measures

@@ -834,6 +834,12 @@ def one_layer_activations(recompute, fp8=False):
     return RECOMPUTED[recompute] + tuple(n for n in FP8_ONE_LAYER if fp8 and n not in RECOMPUTED[recompute])
 
 
+def fp8_keeps_inputs_t(recompute):
+    """Whether fp8 keeps the layernorm outputs' E4M3 transposes from the forward
+    (cuda_fp8.Fp8State.inputs_t): unless the backward recomputes the outputs (-r 2)."""
+    return "ln1" not in RECOMPUTED[recompute]
+
+
 def backward_recomputes(dm):
     """What the bf16 step's backward computes again: RECOMPUTED's; under fp8 (whose casts
     apply the GELU, and which keeps the layernorm outputs' transposes at -r 0 and 1) the
@@ -908,8 +914,7 @@ def to_device_bf16(model, B, T, shards=1, rank=0, shard_optimizer=False, recompu
     dm.params16_memory = alloc(dm.params_memory.size, np.uint16)
     store(dm.params16_memory, dm.params_memory)
     dm.params16 = dm.layout.views(dm.params16_memory)
-    keeps_inputs_t = "ln1" not in RECOMPUTED[dm.recompute]
-    dm.fp8 = cuda_fp8.Fp8State(cfg, B, T, dm.params16, keeps_inputs_t) if fp8 else None
+    dm.fp8 = cuda_fp8.Fp8State(cfg, B, T, dm.params16, fp8_keeps_inputs_t(dm.recompute)) if fp8 else None
     if fp8:
         dm.fp8.calibrate(dm.params16)
     dm.wte_grad_pending = alloc(dm.params.wte.size)

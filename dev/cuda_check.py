@@ -1224,13 +1224,14 @@ def cmd_memory(args):
                                "logsumexp", "att_stats")), lnstats + 4 * (3 * BT + L * B * NH * T)),
     ]
     if fp8:  # cuda_fp8.Fp8State's buffers (its cast scratch lives in the logits buffer where it fits)
-        matmul_weights = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C)
-        kept_t = "ln1" not in tc.RECOMPUTED[args.recompute]
-        scratch = 12 * BT * C
+        matmul_weights = sum(int(np.prod(shape)) for name, shape in common.parameter_shapes(cfg)
+                             if name in cuda_fp8.MATMUL_WEIGHTS)
+        kept_t = tc.fp8_keeps_inputs_t(args.recompute)
+        scratch = cuda_fp8.scratch_bytes(BT, C)
+        own = scratch > ours["logits"]
         rows += [("fp8 weights and their transposes (E4M3)", 2 * matmul_weights, 0),
                  ("fp8 transposes of ln1, ln2 (E4M3; -r 2: none)", len(cuda_fp8.INPUTS_T) * L * BT * C * kept_t, 0),
-                 ("fp8 cast scratch (none: in the logits buffer)" if scratch <= ours["logits"] else
-                  "fp8 cast scratch", 0 if scratch <= ours["logits"] else scratch, 0)]
+                 ("fp8 cast scratch" if own else "fp8 cast scratch (none: in the logits buffer)", scratch * own, 0)]
     print(f"memory of a{' fp8' if fp8 else ' bf16'} training run, d{args.depth} B={B} T={T}, ours at -r "
           f"{args.recompute}, llm.c (bf16) at -r 1, from the layouts (GiB):")
     print(f"  {'ours':>7s} {'llm.c':>7s} {'ours - llm.c':>12s}  buffer")
